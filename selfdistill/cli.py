@@ -1,0 +1,144 @@
+"""The ``selfdistill`` command: train, eval, methods, toy, spd.
+
+Every setting is a ``--dotted.name`` flag generated from the config
+dataclasses, so flags, YAML keys and Python fields share one set of names.
+``--config FILE.yaml`` is read first, flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfdistill.config import DataConfig, ModelConfig, TrainConfig
+from selfdistill.config_io import ConfigError, add_flags, build
+from selfdistill.evaluate import EvalConfig
+
+
+@dataclass
+class EvalRunConfig:
+    """``selfdistill eval``: a model on tasks."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    json_out: str = field(default="", metadata={"help": "Also write the results as JSON here."})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfdistill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="Train with a method (default: SPD on the toy world).")
+    tr.add_argument("--config", help="YAML file with settings (flags override it).")
+    add_flags(tr, TrainConfig)
+
+    ev = sub.add_parser("eval", help="Accuracy per task and split (greedy and sampled pass@1).")
+    ev.add_argument("--config", help="YAML file with settings (flags override it).")
+    add_flags(ev, EvalRunConfig)
+
+    sub.add_parser("methods", help="List the methods with their papers.")
+
+    toy = sub.add_parser("toy", help="The toy world: pretrain the default model, show items.")
+    tsub = toy.add_subparsers(dest="toy_command", required=True)
+    from selfdistill.toy.pretrain import PretrainConfig
+
+    pre = tsub.add_parser("pretrain", help="Pretrain the toy model from a seed.")
+    pre.add_argument("--out", default="", help="Output folder (default: the embedded model folder).")
+    add_flags(pre, PretrainConfig)
+    show = tsub.add_parser("show", help="Print a few toy items.")
+    show.add_argument("--domain", default="math", choices=["math", "code", "mcqa"])
+    show.add_argument("--split", default="train", choices=["train", "valid", "test_id", "test_ood"])
+    show.add_argument("--n", type=int, default=3)
+
+    spd = sub.add_parser("spd", help="SPD tools.")
+    ssub = spd.add_subparsers(dest="spd_command", required=True)
+    subsp = ssub.add_parser("subspace", help="Extract and save the capability subspace, plot its spectra.")
+    subsp.add_argument("--config", help="YAML file with settings (flags override it).")
+    subsp.add_argument("--out", default="subspace", help="Output folder (subspace.safetensors + spectra.png).")
+    add_flags(subsp, TrainConfig)
+    return p
+
+
+def _dotted(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    from selfdistill.config_io import _leaf_fields
+
+    names = {n for n, _, _ in _leaf_fields(cls)}
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from selfdistill.trainer import train
+
+    cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
+    train(cfg)
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from selfdistill.evaluate import evaluate, format_table, results_to_json
+    from selfdistill.models import load_model
+    from selfdistill.tasks.registry import build_tasks
+
+    cfg = build(EvalRunConfig, ns.config, _dotted(ns, EvalRunConfig))
+    tasks = build_tasks(cfg.data)
+    model, tok = load_model(cfg.model)
+    res = evaluate(model, tok, tasks, cfg.eval, cfg.model.system_prompt or None)
+    print(format_table(res))
+    if cfg.json_out:
+        with open(cfg.json_out, "w") as f:
+            json.dump(results_to_json(res), f, indent=2)
+    print(json.dumps(results_to_json(res)))
+    return 0
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from selfdistill.methods.base import REGISTRY, get_method
+
+    get_method("ssd")  # imports the registry
+    width = max(len(n) for n in REGISTRY)
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        print(f"{name.ljust(width)}  {cls.summary}  [{cls.paper}]")
+    return 0
+
+
+def cmd_toy(ns: argparse.Namespace) -> int:
+    if ns.toy_command == "show":
+        from selfdistill.toy.tasks import make_item
+
+        for i in range(ns.n):
+            it = make_item(ns.domain, ns.split, i)
+            print(f"--- {it.id}\n[prompt]\n{it.prompt}\n[solution]\n{it.solution}\n[answer] {it.answer}")
+        return 0
+    from selfdistill.toy.pretrain import DEFAULT_MODEL_DIR, PretrainConfig, pretrain
+
+    cfg = build(PretrainConfig, None, _dotted(ns, PretrainConfig))
+    out = pretrain(ns.out or DEFAULT_MODEL_DIR, cfg)
+    print(f"saved the toy model to {out}")
+    return 0
+
+
+def cmd_spd(ns: argparse.Namespace) -> int:
+    from selfdistill.methods.spd import extract_subspace_cli
+
+    cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
+    extract_subspace_cli(cfg, ns.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd}
+    try:
+        return handlers[ns.command](ns)
+    except ConfigError as e:
+        print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

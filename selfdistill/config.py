@@ -1,0 +1,135 @@
+"""The run configuration: one typed tree, the same names in Python, YAML and flags.
+
+``TrainConfig(spd=SPDConfig(rank=8))`` == ``spd: {rank: 8}`` == ``--spd.rank 8``.
+Method sections (``ssd``, ``spd``, ...) are read only by their method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selfdistill.evaluate import EvalConfig
+from selfdistill.rollout import SamplingConfig
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through PEFT (off by default: the toy model is small enough to train fully)."""
+
+    enabled: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    target_modules: str = field(default="all-linear", metadata={"help": "Comma list of module names, or all-linear."})
+
+
+@dataclass
+class ModelConfig:
+    """The student model."""
+
+    path: str = field(default="toy", metadata={"help": "HF model id or local folder; 'toy' = the embedded toy model."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Weights dtype when loading."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Pass trust_remote_code to transformers."})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    system_prompt: str = field(default="", metadata={"help": "Optional system message for every prompt."})
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation items come from."""
+
+    tasks: list[str] = field(default_factory=lambda: ["toy-math", "toy-code", "toy-mcqa"], metadata={
+        "help": "Task specs: toy-math|toy-code|toy-mcqa, jsonl:PATH[:domain], hf:NAME[:config]."})
+    seed: int = field(default=0, metadata={"help": "Seed of the toy world's items."})
+    train_size: int = field(default=4000, metadata={"help": "Toy train items per domain."})
+    test_size: int = field(default=100, metadata={"help": "Toy test items per split and domain."})
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine or constant."""
+
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})
+    schedule: Literal["cosine", "constant", "linear"] = field(default="cosine", metadata={"help": "Decay after warm-up."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max global grad norm (0 = off)."})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+
+
+@dataclass
+class SSDConfig:
+    """SSD, simple self-distillation (arXiv 2604.01193): SFT on the model's own raw samples."""
+
+    rounds: int = field(default=1, metadata={
+        "help": "Sample a fresh dataset from the current model this many times over the run (1 = once, from the base)."})
+    samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per prompt."})
+
+
+@dataclass
+class SPDConfig:
+    """SPD, Self-Policy Distillation (arXiv 2605.22675): see docs/methods/spd.md."""
+
+    selector: Literal["answer", "all"] = field(default="answer", metadata={
+        "help": "Correctness-defining tokens: the final-answer span (by format) or all completion tokens (ablation)."})
+    probe_size: int = field(default=96, metadata={"help": "Unlabeled train prompts sampled to build the subspace."})
+    probe_samples: int = field(default=2, metadata={"help": "Completions per probe prompt."})
+    rank: int = field(default=8, metadata={"help": "Subspace rank per site (0 = use energy)."})
+    energy: float = field(default=0.0, metadata={"help": "If > 0: smallest rank keeping this share of gradient energy."})
+    per_head: bool = field(default=False, metadata={"help": "One subspace per KV head instead of per layer."})
+    center: bool = field(default=True, metadata={"help": "Project around the activations' mean (mu) instead of 0."})
+    kinds: Literal["kv", "k", "v"] = field(default="kv", metadata={"help": "Project keys, values or both."})
+    layers: str = field(default="all", metadata={"help": "'all', 'top:N' (by gradient energy), or a comma list of layer indices."})
+    beta: float = field(default=0.5, metadata={"help": "Share of the complement kept: 0 = hard projection, 1 = no projection."})
+    grad_positions: Literal["all", "completion"] = field(default="all", metadata={
+        "help": "Positions whose K/V gradients are stacked."})
+    subspace: Literal["gradient", "random"] = field(default="gradient", metadata={
+        "help": "'random' = a random subspace of the same rank (ablation)."})
+    rounds: int = field(default=1, metadata={"help": "Rounds; each recomputes the subspace and resamples."})
+    samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per training prompt."})
+    subspace_path: str = field(default="", metadata={"help": "Load a saved subspace (safetensors) instead of extracting."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"spd.beta must be in [0, 1], got {self.beta}")
+        if self.rank < 0:
+            raise ValueError(f"spd.rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.energy <= 1.0:
+            raise ValueError(f"spd.energy must be in [0, 1], got {self.energy}")
+        if self.rank == 0 and self.energy == 0.0:
+            raise ValueError("spd.rank is 0 and spd.energy is 0: set one of them")
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. Defaults are the toy-world run of ``selfdistill train``."""
+
+    method: str = field(default="spd", metadata={"help": "Method name (see `selfdistill methods`)."})
+    output_dir: str = field(default="runs/latest", metadata={"help": "Folder for model, logs, plots, checkpoints."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order, sampling and init."})
+    steps: int = field(default=40, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per optimizer step (global)."})
+    micro_batch_size: int = field(default=32, metadata={"help": "Sequences per forward/backward (grad accumulation)."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "accelerate mixed precision."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Most recent checkpoints kept."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Also log to: tensorboard, wandb."})
+    max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite steps in a row."})
+    eval_before: bool = field(default=True, metadata={"help": "Evaluate the model before training."})
+    eval_after: bool = field(default=True, metadata={"help": "Evaluate the model after training."})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rollout: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ssd: SSDConfig = field(default_factory=SSDConfig)
+    spd: SPDConfig = field(default_factory=SPDConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("batch_size and micro_batch_size must be >= 1")

@@ -1,0 +1,120 @@
+"""Accuracy per task and split: greedy, and sampled pass@1 averaged over k samples.
+
+Used by ``selfdistill eval``, by the trainer before/after a run and
+periodically, and by the results-table scripts: one evaluator for all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from selfdistill.rollout import SamplingConfig, generate
+from selfdistill.sequences import chat_prompt
+from selfdistill.tasks.base import Task
+
+
+@dataclass
+class EvalConfig:
+    """What evaluation measures."""
+
+    splits: list[str] = field(default_factory=lambda: ["test_id", "test_ood"],
+                              metadata={"help": "Splits to evaluate."})
+    greedy: bool = field(default=True, metadata={"help": "Report greedy (temperature 0) accuracy."})
+    samples: int = field(default=2, metadata={"help": "k: sampled pass@1 averaged over k samples (0 = off)."})
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampled evaluation."})
+    max_items: int = field(default=100, metadata={"help": "At most this many items per split (0 = all)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Longest evaluated completion."})
+    batch_size: int = field(default=128, metadata={"help": "Prompts per generate call."})
+    seed: int = field(default=1234, metadata={"help": "Seed of the sampled evaluation."})
+    every: int = field(default=0, metadata={"help": "Evaluate every N training steps (0 = only before/after)."})
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ValueError(f"eval.samples must be >= 0, got {self.samples}")
+        if not self.greedy and self.samples == 0:
+            raise ValueError("eval.greedy is false and eval.samples is 0: nothing to measure")
+
+
+@dataclass
+class SplitResult:
+    """Accuracies of one (task, split)."""
+
+    task: str
+    split: str
+    n: int
+    greedy: float | None
+    sampled: float | None
+
+
+def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: str | None = None,
+             log=None) -> list[SplitResult]:
+    """Evaluate ``model`` on every (task, split); one batched generate per mode."""
+    jobs = []
+    for task in tasks:
+        for split in cfg.splits:
+            items = task.items(split)
+            if cfg.max_items:
+                items = items[: cfg.max_items]
+            jobs.append((task, split, items))
+    prompts = [chat_prompt(tokenizer, it.prompt, system) for _, _, items in jobs for it in items]
+    flat = [(task, it) for task, _, items in jobs for it in items]
+
+    def accuracy(texts: list[str]) -> list[float]:
+        correct = [float(task.verify(it, t)) for (task, it), t in zip(flat, texts)]
+        out, pos = [], 0
+        for _, _, items in jobs:
+            n = len(items)
+            out.append(sum(correct[pos : pos + n]) / max(n, 1))
+            pos += n
+        return out
+
+    greedy = sampled = None
+    if cfg.greedy:
+        scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
+        greedy = accuracy(generate(model, tokenizer, prompts, scfg).texts)
+    if cfg.samples:
+        scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              batch_size=cfg.batch_size)
+        runs = [accuracy(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k).texts)
+                for k in range(cfg.samples)]
+        sampled = [sum(r[j] for r in runs) / len(runs) for j in range(len(jobs))]
+    return [SplitResult(task.name, split, len(items),
+                        greedy[j] if greedy else None, sampled[j] if sampled else None)
+            for j, (task, split, items) in enumerate(jobs)]
+
+
+def results_to_json(results: Sequence[SplitResult]) -> list[dict]:
+    return [r.__dict__.copy() for r in results]
+
+
+def format_table(before: Sequence[SplitResult], after: Sequence[SplitResult] | None = None,
+                 markdown: bool = False) -> str:
+    """A plain (or Markdown) table of accuracies, before and after when both are given."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:5.1f}"
+
+    head = ["task", "split", "n", "greedy", "sampled"]
+    if after is not None:
+        head = ["task", "split", "n", "greedy before", "greedy after", "sampled before", "sampled after"]
+    rows = []
+    for j, b in enumerate(before):
+        if after is None:
+            rows.append([b.task, b.split, str(b.n), pct(b.greedy), pct(b.sampled)])
+        else:
+            a = after[j]
+            rows.append([b.task, b.split, str(b.n), pct(b.greedy), pct(a.greedy), pct(b.sampled), pct(a.sampled)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def save_results(path, results: Sequence[SplitResult]) -> None:
+    with open(path, "w") as f:
+        json.dump(results_to_json(results), f, indent=2)

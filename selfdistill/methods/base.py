@@ -1,0 +1,134 @@
+"""What a method is: how a step's batch is made, and its loss.
+
+The trainer owns the loop (data order, optimizer, accumulation, logging,
+checkpoints, evaluation). A method composes the core pieces (rollout, views,
+objective) into two calls: :meth:`Method.make_batch` and :meth:`Method.loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from selfdistill.config import TrainConfig
+from selfdistill.sequences import SequenceBatch
+from selfdistill.tasks.base import Item, Task
+
+
+@dataclass
+class TrainBatch:
+    """One step's training data: student sequences, and per-method extras.
+
+    Tensor fields are split along dim 0 into micro-batches by :meth:`split`.
+    """
+
+    student: SequenceBatch
+    teacher: SequenceBatch | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.student.input_ids_BT.shape[0]
+
+    def split(self, size: int) -> list["TrainBatch"]:
+        """Micro-batches of ``size`` sequences (padding columns trimmed)."""
+        out = []
+        for s in range(0, len(self), size):
+            sl = slice(s, s + size)
+            out.append(TrainBatch(_slice_seq(self.student, sl),
+                                  _slice_seq(self.teacher, sl) if self.teacher is not None else None,
+                                  {k: v[sl] for k, v in self.tensors.items()}, dict(self.info)))
+        return out
+
+
+def _slice_seq(b: SequenceBatch, sl: slice) -> SequenceBatch:
+    parts = [getattr(b, f.name)[sl] for f in fields(b)]
+    T = int(parts[1].sum(-1).max().item()) if parts[1].numel() else 0
+    return SequenceBatch(*(p[:, :max(T, 1)] for p in parts))
+
+
+@dataclass
+class Context:
+    """What a method may use: the run's config, model, tokenizer, tasks, helpers."""
+
+    cfg: TrainConfig
+    model: Any
+    tokenizer: Any
+    tasks: list[Task]
+    accelerator: Any
+    out_dir: Path
+    log: Callable[[str], None] = print
+    system: str | None = None
+    stream: Any = None  # ItemStream: the training items of any step
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def items_for_step(self, step: int) -> list[Item]:
+        """This process's share of step ``step``'s prompts."""
+        return self.stream.for_step(step, self.rank, self.world)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``paper``, ``summary`` and fill the hooks."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def setup(self) -> None:
+        """Once, before the first step (after a resume too)."""
+
+    def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
+        """This step's data for ``items`` (this process's share of the global batch)."""
+        raise NotImplementedError
+
+    def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch, normalised by the global token count ``num_tokens``."""
+        raise NotImplementedError
+
+    def token_mask(self, batch: TrainBatch) -> torch.Tensor:
+        """The mask whose sum is the global token count (default: completion targets)."""
+        return batch.student.completion_mask_BT[:, 1:]
+
+    def after_step(self, step: int) -> None:
+        """After each optimizer step (e.g. an EMA teacher update)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state saved in checkpoints (buffers, EMA weights, subspaces...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    from selfdistill import methods  # noqa: F401  (imports register every method)
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

@@ -1,0 +1,90 @@
+"""Loading a student (any ``AutoModelForCausalLM``), optionally with LoRA.
+
+The embedded toy model is the default (``path: toy``). Paths are checked
+before loading so a wrong folder or a non-causal-LM fails with one clear line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from selfdistill.config import LoraSettings, ModelConfig
+from selfdistill.config_io import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    """``toy`` -> the embedded checkpoint; anything else unchanged."""
+    if path in ("toy", "", None):
+        from selfdistill.toy.pretrain import DEFAULT_MODEL_DIR
+
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise ConfigError(f"the embedded toy model is missing from {DEFAULT_MODEL_DIR}; "
+                              "run `selfdistill toy pretrain` to rebuild it")
+        return str(DEFAULT_MODEL_DIR)
+    return path
+
+
+def check_causal_lm(path: str, trust_remote_code: bool = False) -> None:
+    """Raise a one-line error unless ``path`` holds a causal-LM config."""
+    p = Path(path)
+    if (p.exists() and p.is_dir() and not (p / "config.json").exists()) or (p.exists() and p.is_file()):
+        raise ConfigError(f"model.path {path}: no config.json there; expected a Hugging Face model folder")
+    if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ConfigError(f"model.path {path}: no such folder")
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # hub errors, bad JSON, unknown model types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path {path}: cannot read its config ({first})") from None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ConfigError(f"model.path {path}: model type {cfg.model_type!r} is not a causal LM "
+                          "(AutoModelForCausalLM cannot load it)")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer, left-padded, with a pad token (EOS if it has none)."""
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
+    """(model, tokenizer) for ``cfg``; LoRA-wrapped when ``cfg.lora.enabled``."""
+    path = resolve_model_path(cfg.path)
+    check_causal_lm(path, cfg.trust_remote_code)
+    tok = load_tokenizer(path, cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
+    if device is not None:
+        model.to(device)
+    if cfg.lora.enabled:
+        model = wrap_lora(model, cfg.lora)
+    return model, tok
+
+
+def wrap_lora(model, cfg: LoraSettings):
+    """A PEFT LoRA model; the frozen base doubles as the initial-policy teacher."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = cfg.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def unwrap(model):
+    """The underlying ``PreTrainedModel`` (through accelerate/DDP and PEFT wrappers)."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m

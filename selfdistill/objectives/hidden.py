@@ -1,0 +1,216 @@
+"""Hidden-state driver: the memory-bounded path for real vocabularies.
+
+Starting from the last hidden states and the lm_head weight, logits exist only
+one chunk of tokens at a time: ``chunk x V``. The forward pass keeps nothing
+but the per-token outputs; backward recomputes each chunk's logits, takes the
+gradient with respect to them, and folds it straight into the gradients of
+the hidden states and the lm_head weight (and bias). Peak extra memory is a
+few ``chunk x V`` fp32 tensors plus one fp32 ``V x H`` weight-gradient buffer
+(only if the head is trainable), never ``N x V``.
+
+Cost: the student and teacher head matmuls run twice (forward and backward),
+as with activation checkpointing. The head is a plain linear map,
+``logits = hidden @ W.T (+ b)``; models with logit soft-capping or scaling
+need those applied elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from selfdistill.objectives.config import DivergenceConfig
+from selfdistill.objectives.divergence import (
+    check_token_ids,
+    divergence_value_and_grad,
+    needs_token_ids,
+    resolve_vocab,
+    token_logprob_rows,
+    token_logprob_value_and_grad,
+)
+from selfdistill.objectives.reduce import Count, Reduction
+from selfdistill.objectives.rows import finish, select_rows
+
+#: (student logits of one chunk, chunk start, chunk end, grad of the outputs or None)
+#: -> (outputs (chunk, K), gradient with respect to the chunk logits or None)
+RowOp = Callable[[Tensor, int, int, "Tensor | None"], "tuple[Tensor, Tensor | None]"]
+
+
+def _head_logits(hidden_cH: Tensor, weight_VH: Tensor, bias_V: Tensor | None) -> Tensor:
+    """Chunk logits: the matmul in the inputs' dtype, everything after in fp32."""
+    logits_cV = hidden_cH @ weight_VH.T
+    if bias_V is not None:
+        logits_cV = logits_cV + bias_V.to(logits_cV.dtype)
+    return logits_cV.float()
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """out_NK = cat over chunks of op(hidden[c] @ W.T + b); backward recomputes chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, bias_V, op: RowOp, chunk_size: int, width: int):  # type: ignore[override]
+        n = hidden_NH.shape[0]
+        outs = []
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            outs.append(op(_head_logits(hidden_NH[s:e], weight_VH, bias_V), s, e, None)[0])
+        ctx.save_for_backward(hidden_NH, weight_VH, bias_V)
+        ctx.op, ctx.chunk_size = op, chunk_size
+        return torch.cat(outs) if outs else hidden_NH.new_zeros((0, width), dtype=torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out_NK):  # type: ignore[override]
+        hidden_NH, weight_VH, bias_V = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden_NH) if need_h else None
+        grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        grad_b = torch.zeros(weight_VH.shape[0], dtype=torch.float32, device=weight_VH.device) if need_b else None
+        n, c = hidden_NH.shape[0], ctx.chunk_size
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            h_cH = hidden_NH[s:e]
+            _, g_cV = ctx.op(_head_logits(h_cH, weight_VH, bias_V), s, e, grad_out_NK[s:e])
+            if grad_h is not None:
+                grad_h[s:e] = g_cV.to(weight_VH.dtype) @ weight_VH
+            if grad_w is not None:
+                grad_w.addmm_(g_cV.T, h_cH.float())
+            if grad_b is not None:
+                grad_b += g_cV.sum(0)
+        grad_w = grad_w.to(weight_VH.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias_V.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _flatten(hidden: Tensor, name: str) -> Tensor:
+    if hidden.dim() < 1:
+        raise ValueError(f"{name} must have a trailing hidden dimension, got shape {tuple(hidden.shape)}")
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _check_head(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, who: str) -> None:
+    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden_NH.shape[1]:
+        raise ValueError(
+            f"{who} lm_head weight must be (vocab, hidden={hidden_NH.shape[1]}), got {tuple(weight_VH.shape)}"
+        )
+    if bias_V is not None and bias_V.shape != weight_VH.shape[:1]:
+        raise ValueError(f"{who} lm_head bias must be ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")
+
+
+def token_logprobs_from_hidden(
+    hidden_NH: Tensor,
+    lm_head_weight_VH: Tensor,
+    token_ids_N: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    lm_head_bias_V: Tensor | None = None,
+) -> Tensor:
+    """log softmax(hidden @ W.T / temperature)[token], fp32, without materialising N x V.
+
+    Any leading shape ((B, T, H) with ids (B, T) works); differentiable with
+    respect to the hidden states and the head.
+    """
+    lead_shape = hidden_NH.shape[:-1]
+    if token_ids_N.shape != lead_shape:
+        raise ValueError(f"token_ids shape {tuple(token_ids_N.shape)} does not match hidden positions {tuple(lead_shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    h_NH = _flatten(hidden_NH, "hidden").to(lm_head_weight_VH.dtype)
+    _check_head(h_NH, lm_head_weight_VH, lm_head_bias_V, "")
+    ids_N = token_ids_N.to(h_NH.device).reshape(-1).long()
+    check_token_ids(ids_N, lm_head_weight_VH.shape[0])
+
+    def op(logits_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return token_logprob_value_and_grad(logits_cV, ids_N[s:e], temperature, grad_cK)
+
+    out_N1 = _ChunkedHead.apply(h_NH, lm_head_weight_VH, lm_head_bias_V, op, chunk_size, 1)
+    return out_N1.squeeze(-1).reshape(lead_shape)
+
+
+def divergence_from_hidden(
+    student_hidden_NH: Tensor,
+    student_lm_head_weight_VH: Tensor,
+    teacher_hidden_NH: Tensor,
+    teacher_lm_head_weight_VH: Tensor,
+    mask_N: Tensor | None = None,
+    cfg: DivergenceConfig | None = None,
+    chunk_size: int | None = None,
+    *,
+    token_ids_N: Tensor | None = None,
+    old_logprobs_N: Tensor | None = None,
+    num_items_in_batch: Count | None = None,
+    reduction: Reduction = "mean",
+    student_lm_head_bias_V: Tensor | None = None,
+    teacher_lm_head_bias_V: Tensor | None = None,
+) -> Tensor:
+    """Per-token objective of ``cfg`` from last hidden states, chunk by chunk.
+
+    Hidden states may be (N, H) or (B, T, H) (mask, ids and old log-probs then
+    (B, T)); student and teacher hidden sizes may differ, their vocabularies
+    only with ``cfg.truncate_vocab``. The teacher runs under no_grad. Only
+    masked-in tokens are computed. ``chunk_size`` overrides ``cfg.chunk_size``.
+    Returns a scalar, or per-token losses (0 where masked) for reduction='none'.
+    """
+    cfg = cfg if cfg is not None else DivergenceConfig()
+    cfg.validate()
+    chunk = chunk_size if chunk_size is not None else cfg.chunk_size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk!r}")
+    lead_shape = student_hidden_NH.shape[:-1]
+    if teacher_hidden_NH.shape[:-1] != lead_shape:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden_NH.shape)} and teacher hidden "
+            f"{tuple(teacher_hidden_NH.shape)} differ in their token positions"
+        )
+    hs_NH, ht_NH = _flatten(student_hidden_NH, "student hidden"), _flatten(teacher_hidden_NH.detach(), "teacher hidden")
+    _check_head(hs_NH, student_lm_head_weight_VH, student_lm_head_bias_V, "student")
+    _check_head(ht_NH, teacher_lm_head_weight_VH, teacher_lm_head_bias_V, "teacher")
+    vocab = resolve_vocab(student_lm_head_weight_VH.shape[0], teacher_lm_head_weight_VH.shape[0], cfg.truncate_vocab)
+    ws_VH, bs_V = _slice(student_lm_head_weight_VH, vocab), _slice(student_lm_head_bias_V, vocab)
+    wt_VH, bt_V = _slice(teacher_lm_head_weight_VH.detach(), vocab), _slice(teacher_lm_head_bias_V, vocab, detach=True)
+
+    rows = select_rows(lead_shape, hs_NH.device, mask_N, token_ids_N, old_logprobs_N, cfg, vocab)
+    hs_MH = hs_NH[rows.rows_M].to(ws_VH.dtype)
+    ht_MH = ht_NH[rows.rows_M].to(wt_VH.dtype)
+    ids_M = rows.token_ids_M
+
+    def teacher_logits(s: int, e: int) -> Tensor:
+        with torch.no_grad():
+            return _head_logits(ht_MH[s:e], wt_VH, bt_V)
+
+    if cfg.kind == "sampled":
+        assert ids_M is not None
+
+        def student_logp(logits_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            return token_logprob_value_and_grad(logits_cV, ids_M[s:e], cfg.temperature, grad_cK)
+
+        logp_s_M1 = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, student_logp, chunk, 1)
+        with torch.no_grad():
+            logp_t_M1 = torch.cat(
+                [
+                    token_logprob_rows(teacher_logits(s, s + chunk), ids_M[s : s + chunk], cfg.temperature)
+                    for s in range(0, len(ids_M), chunk)
+                ]
+                or [logp_s_M1.new_zeros(0)]
+            ).unsqueeze(-1)
+        out_MK = torch.cat([logp_s_M1, logp_t_M1], dim=-1)
+    else:
+
+        def divergence(logits_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            ids_c = ids_M[s:e] if ids_M is not None else None
+            return divergence_value_and_grad(logits_cV, teacher_logits(s, e), cfg, ids_c, grad_cK)
+
+        width = 2 if needs_token_ids(cfg) else 1
+        out_MK = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, divergence, chunk, width)
+    return finish(out_MK, rows, cfg, num_items_in_batch, reduction)
+
+
+def _slice(t_V: Tensor | None, vocab: int, detach: bool = False) -> Tensor | None:
+    """First ``vocab`` rows (no-op, and no extra gradient buffer, when already that size)."""
+    if t_V is None:
+        return None
+    t_V = t_V.detach() if detach else t_V
+    return t_V if t_V.shape[0] == vocab else t_V[:vocab]

@@ -1,0 +1,104 @@
+"""Batched on-policy sampling through ``transformers`` ``generate``.
+
+The one place completions are sampled. Activation views (SPD's K/V
+projection, steering) are context managers the caller wraps around
+:func:`generate`; the KV cache is filled under them, so it holds the
+edited activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from selfdistill.sequences import encode_prompts
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled."""
+
+    max_new_tokens: int = field(default=96, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 means greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus truncation (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k truncation (0 = off)."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts per generate call."})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Rollouts:
+    """Sampled completions for a list of formatted prompts (same order)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    finished: list[bool]  # ended with EOS within max_new_tokens
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update(src if isinstance(src, (list, tuple)) else [src])
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
+             generator_seed: int | None = None, progress=None) -> Rollouts:
+    """Sample one completion per formatted prompt, in batches, left-padded.
+
+    Completions are cut after the first EOS (kept, so SFT learns to stop);
+    ``texts`` are decoded without special tokens.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = _eos_ids(tokenizer, model)
+    all_prompt_ids = encode_prompts(tokenizer, prompts)
+    completions: list[list[int]] = []
+    finished: list[bool] = []
+    was_training = model.training
+    model.eval()
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    try:
+        for start in range(0, len(all_prompt_ids), cfg.batch_size):
+            chunk = all_prompt_ids[start : start + cfg.batch_size]
+            T = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), T), dtype=torch.long)
+            for b, p in enumerate(chunk):
+                ids[b, T - len(p):] = torch.tensor(p)
+                attn[b, T - len(p):] = 1
+            sample = cfg.temperature > 0
+            kw = dict(do_sample=sample, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                      pad_token_id=pad_id)
+            if sample:
+                kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+            else:
+                kw.update(temperature=None, top_p=None, top_k=None)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
+            new = out[:, T:].tolist()
+            for row in new:
+                cut = next((i for i, t in enumerate(row) if t in eos), None)
+                completions.append(row[: cut + 1] if cut is not None else row)
+                finished.append(cut is not None)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollouts(all_prompt_ids, completions, texts, finished)

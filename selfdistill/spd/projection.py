@@ -1,0 +1,112 @@
+"""SPD's teacher view: K/V activations projected onto the capability subspace.
+
+Paper says: K/V activations are projected into the subspace during
+self-generation ("projection hooks"); the formula and mixing are not public.
+
+We do, for an activation ``h`` at a K or V site::
+
+    h' = mu + P (h - mu) + beta (I - P)(h - mu),      P = U U^T
+
+``beta = 0`` is the hard projection, ``beta = 1`` the identity, in between
+the off-subspace part is shrunk. ``mu`` is the activation mean (0 when the
+subspace was fit without centring). With per-head subspaces ``U`` is
+block-diagonal, so ``P`` acts on each KV head separately. Computed as
+``mu + beta h_c + (1 - beta)(h_c U) U^T`` (never a ``d x d`` matrix), in
+float32 or wider, cast back to the activation dtype.
+
+Where: at the K/V projection output (see :mod:`selfdistill.arch`), i.e.
+before rotary embedding and before Qwen3 / Gemma 3's ``k_norm``. So the
+*pre-RoPE* keys are projected (RoPE is a position-dependent rotation, so a
+fixed subspace is only meaningful before it), and on Qwen3 the key norm
+rescales the projected key per head. The KV cache is filled downstream of the
+hook, so during ``generate`` it stores the projected (then rotated) values.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Literal, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from selfdistill.arch import Kind, KVEdit, SiteKey, edit_kv
+from selfdistill.spd.subspace import Subspace, SubspaceSet, layer_energy, top_layers
+
+LayerSpec = Union[Literal["all"], Sequence[int], tuple[Literal["top"], int]]
+
+
+def project(h_Xd: torch.Tensor, U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None = None) -> torch.Tensor:
+    """``mu + P(h - mu) + beta (I - P)(h - mu)`` with ``P = U U^T``; ``U`` has orthonormal columns."""
+    if beta == 1.0:
+        return h_Xd
+    dtype = torch.promote_types(h_Xd.dtype, torch.float32)
+    U_dr = U_dr.to(h_Xd.device, dtype)
+    hc_Xd = h_Xd.to(dtype)
+    if mu_d is not None:
+        mu_d = mu_d.to(h_Xd.device, dtype)
+        hc_Xd = hc_Xd - mu_d
+    out_Xd = (1.0 - beta) * ((hc_Xd @ U_dr) @ U_dr.T)
+    if beta != 0.0:
+        out_Xd = out_Xd + beta * hc_Xd
+    if mu_d is not None:
+        out_Xd = out_Xd + mu_d
+    return out_Xd.to(h_Xd.dtype)
+
+
+def projector(sub: Subspace, beta: float) -> KVEdit:
+    """The edit :func:`project` with one site's subspace, caching ``U``/``mu`` per device and dtype."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def fn(h_Xd: torch.Tensor) -> torch.Tensor:
+        if h_Xd.shape[-1] != sub.dim:
+            raise ValueError(f"subspace of width {sub.dim} applied to an activation of width {h_Xd.shape[-1]}")
+        dtype = torch.promote_types(h_Xd.dtype, torch.float32)
+        key = (h_Xd.device, dtype)
+        if key not in cache:
+            mu = None if sub.mu_d is None else sub.mu_d.to(h_Xd.device, dtype)
+            cache[key] = (sub.U_dr.to(h_Xd.device, dtype), mu)
+        U_dr, mu_d = cache[key]
+        return project(h_Xd, U_dr, beta, mu_d)
+
+    return fn
+
+
+def select_layers(subspaces: Mapping[SiteKey, Subspace], layers: LayerSpec) -> list[int]:
+    """Resolve ``'all'``, an explicit list, or ``('top', n)`` (top-n layers by gradient energy)."""
+    available = sorted({layer for layer, _ in subspaces})
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all', a list of ints or ('top', n), got {layers!r}")
+        return available
+    if isinstance(layers, tuple) and len(layers) == 2 and layers[0] == "top":
+        n = int(layers[1])
+        if n < 1:
+            raise ValueError(f"layers=('top', n) needs n >= 1, got {n}")
+        return top_layers(layer_energy(subspaces), n)
+    chosen = sorted({int(x) for x in layers})
+    missing = [x for x in chosen if x not in available]
+    if missing:
+        raise KeyError(f"no subspace for layer {missing[0]}; subspaces cover layers {available}")
+    return chosen
+
+
+@contextmanager
+def project_kv(model: nn.Module, subspaces: SubspaceSet | Mapping[SiteKey, Subspace], beta: float = 0.0,
+               layers: LayerSpec = "all", kinds: Sequence[Kind] = ("k", "v")) -> Iterator[list[SiteKey]]:
+    """Within the block, the chosen layers' K and/or V activations are projected.
+
+    Yields the list of edited sites. Hooks are removed on exit, also on exception.
+    """
+    subs = subspaces.subspaces if isinstance(subspaces, SubspaceSet) else dict(subspaces)
+    bad_kinds = [k for k in kinds if k not in ("k", "v")]
+    if bad_kinds:
+        raise ValueError(f"kinds must be 'k' and/or 'v', got {bad_kinds[0]!r}")
+    keys = [(layer, kind) for layer in select_layers(subs, layers) for kind in kinds]
+    missing = [k for k in keys if k not in subs]
+    if missing:
+        raise KeyError(f"no subspace for site {missing[0]}")
+    with edit_kv(model, {k: projector(subs[k], beta) for k in keys}):
+        yield keys

@@ -1,0 +1,270 @@
+"""The one training loop: rollout, targets or teacher scoring, loss, optimizer step.
+
+Read top to bottom, :func:`train` is the whole run:
+
+1. validate everything and load (nothing is written before this succeeds);
+2. evaluate before, let the method set itself up (e.g. SPD's subspace);
+3. each step: the method makes the batch (rollouts, teacher views), the loss
+   is accumulated over micro-batches normalised by the global token count,
+   gradients are averaged over processes, clipped, stepped;
+4. log, evaluate, checkpoint (atomically) as configured;
+5. save the final model in Hugging Face format, evaluate after, write the
+   before/after table, the metrics log and the training-curve plot.
+
+Multi-process runs (``accelerate launch`` / ``torchrun``) split each global
+batch across processes and all-reduce gradients explicitly (one flat
+buffer), which keeps every method free to call sub-modules of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from selfdistill.checkpoint import (latest_checkpoint, load_state, load_weights_into, rng_state,
+                                    save_checkpoint, set_rng_state)
+from selfdistill.config import TrainConfig
+from selfdistill.config_io import ConfigError, to_dict
+from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to_json
+from selfdistill.methods.base import Context, get_method
+from selfdistill.models import load_model, unwrap
+from selfdistill.objectives import global_token_count
+from selfdistill.runlog import RunLog
+from selfdistill.tasks.registry import ItemStream, build_tasks
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (also written to ``output_dir``)."""
+
+    output_dir: Path
+    before: list[SplitResult] | None
+    after: list[SplitResult] | None
+    steps: int
+    wall_s: float
+    skipped_steps: int
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / max(1, o.warmup_steps)
+        if o.schedule == "constant":
+            return 1.0
+        frac = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+        return max(0.0, 1 - frac) if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return f
+
+
+def _step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
+    """Each step reseeds sampling, so a resumed run draws what an uninterrupted one would."""
+    return (cfg.seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+class _StopRequested(Exception):
+    pass
+
+
+@contextmanager
+def _graceful_stop(flag: dict[str, bool]):
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and stops at the step boundary."""
+    def handler(signum, _frame):
+        flag["stop"] = True
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for s in old:
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not the main thread
+                pass
+        yield
+    finally:
+        for s, h in old.items():
+            try:
+                signal.signal(s, h)
+            except ValueError:
+                pass
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average gradients over processes with one flat all-reduce."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    pos = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[pos:pos + n].view_as(g).clone()
+        pos += n
+
+
+def prepare_run(cfg: TrainConfig):
+    """Validate and load everything a run needs; raises before anything is written."""
+    method_cls = get_method(cfg.method)  # unknown method -> clear error
+    tasks = build_tasks(cfg.data)
+    for t in tasks:
+        t.items("train")  # bad data fails here, naming file/row/field
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.resume and (out / "run_config.yaml").exists():
+        raise ConfigError(f"output_dir {out} already holds a run; pass --resume true to continue it "
+                          "or choose another --output_dir")
+    if cfg.resume and latest_checkpoint(out / "checkpoints") is None:
+        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    return method_cls, tasks
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResult:
+    """Run ``cfg`` end to end; see the module docstring for the order of things."""
+    t_start = time.time()
+    method_cls, tasks = prepare_run(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    set_seed(cfg.seed)
+    model, tok = load_model(cfg.model, device=accelerator.device)
+    out = Path(cfg.output_dir)
+    runlog = RunLog(out, cfg, is_main=accelerator.is_main_process, echo=log)
+    say = runlog.say
+    say(f"method {cfg.method}: {method_cls.summary} [{method_cls.paper}]")
+    say(f"model {cfg.model.path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{world} process(es) on {accelerator.device}")
+
+    system = cfg.model.system_prompt or None
+    stream = ItemStream(tasks, cfg.batch_size, cfg.seed)
+    ctx = Context(cfg=cfg, model=model, tokenizer=tok, tasks=tasks, accelerator=accelerator, out_dir=out,
+                  log=say, system=system, stream=stream)
+    method = method_cls(ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                            betas=tuple(cfg.optim.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+
+    start_step, before, bad_in_row, skipped = 0, None, 0, 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        state = load_state(ckpt)
+        load_weights_into(model, ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        start_step, skipped = state["step"], state["skipped_steps"]
+        before = [SplitResult(**r) for r in state["before"]] if state.get("before") else None
+        runlog.truncate_metrics(start_step)
+        say(f"resumed from {ckpt} at step {start_step}")
+    elif cfg.eval_before:
+        say("evaluating before training ...")
+        before = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
+        runlog.eval_event(0, "before", before)
+        say("\n" + format_table(before))
+
+    method.setup()
+
+    def checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "method": method.state_dict(), "rng": rng_state(), "skipped_steps": skipped,
+                 "before": results_to_json(before) if before else None, "config": to_dict(cfg)}
+        path = save_checkpoint(out / "checkpoints", step, unwrap_for_save(model), tok, state,
+                               keep=cfg.keep_checkpoints)
+        say(f"checkpoint {path}")
+
+    stop = {"stop": False}
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method}", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    step = start_step
+    with _graceful_stop(stop):
+        for step in range(start_step, cfg.steps):
+            torch.manual_seed(_step_seed(cfg, step, rank))
+            # 1. rollout + targets / teacher views (the method decides).
+            t0 = time.time()
+            batch = method.make_batch(step, stream.for_step(step, rank, world))
+            t_batch = time.time() - t0
+            # 2. loss over micro-batches, normalised by the global token count.
+            model.train()
+            micro = batch.split(cfg.micro_batch_size)
+            num_tokens = global_token_count([method.token_mask(m) for m in micro], accelerator)
+            t1 = time.time()
+            total, infos = 0.0, []
+            for m in micro:
+                with accelerator.autocast():
+                    loss, info = method.loss(m, num_tokens)
+                (loss * world).backward() if world > 1 else loss.backward()
+                total += float(loss.detach())
+                infos.append(info)
+            # 3. gradients: average over processes, check, clip, step.
+            _all_reduce_grads(params, accelerator)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+            if finite:
+                opt.step()
+                bad_in_row = 0
+            else:
+                skipped += 1
+                bad_in_row += 1
+                say(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            method.after_step(step)
+            t_update = time.time() - t1
+            # 4. log, evaluate, checkpoint.
+            metrics: dict[str, Any] = {"step": step + 1, "loss": total, "grad_norm": float(grad_norm),
+                                       "lr": sched.get_last_lr()[0], "tokens": float(num_tokens),
+                                       "time_batch_s": t_batch, "time_update_s": t_update,
+                                       "skipped": not finite, **batch.info}
+            for k in infos[0] if infos else []:
+                metrics[k] = sum(i[k] for i in infos) / len(infos)
+            runlog.metrics(metrics)
+            bar.set_postfix(loss=f"{total:.4f}")
+            bar.update(1)
+            if bad_in_row >= cfg.max_bad_steps:
+                raise RuntimeError(f"stopping: {bad_in_row} steps in a row had a non-finite loss or gradient "
+                                   f"(last at step {step + 1}); lower optim.lr or check the data")
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
+                runlog.eval_event(step + 1, "periodic", evaluate(unwrap(model), tok, tasks, cfg.eval, system))
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or stop["stop"]:
+                checkpoint(step + 1)
+            if stop["stop"]:
+                bar.close()
+                say(f"stopped by signal after step {step + 1}; continue with --resume true")
+                return RunResult(out, before, None, step + 1, time.time() - t_start, skipped)
+    bar.close()
+
+    # 5. final model, evaluation after, table, plot.
+    if accelerator.is_main_process:
+        final = out / "model"
+        unwrap_for_save(model).save_pretrained(final, safe_serialization=True)
+        tok.save_pretrained(final)
+        checkpoint(cfg.steps)
+    after = None
+    if cfg.eval_after:
+        say("evaluating after training ...")
+        after = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
+        runlog.eval_event(cfg.steps, "after", after)
+    wall = time.time() - t_start
+    runlog.finish(before, after, wall)
+    return RunResult(out, before, after, cfg.steps, wall, skipped)
+
+
+def unwrap_for_save(model):
+    """What to ``save_pretrained``: the PEFT model (adapter) or the plain model."""
+    return getattr(model, "module", model)
