@@ -122,31 +122,41 @@ def needs_token_ids(cfg: DivergenceConfig) -> bool:
 # ---------------------------------------------------------------------------
 # Analytic value-and-gradient form, used by the hidden-state driver.
 #
-# The same math as per_row_divergence/token_logprob_rows, but returning the
-# gradient with respect to the student logits directly instead of building
-# an autograd graph: this keeps about 5 chunk x V fp32 tensors alive instead of
-# about 13. The logits driver uses the autograd form, and the tests check both
-# against an independent reference.
+# The same math as per_row_divergence/token_logprob_rows, but from log-probs
+# the caller owns (they are overwritten), returning the gradient with respect
+# to the student logits directly instead of building an autograd graph: about
+# 6 chunk x V fp32 tensors alive at the peak instead of about 13. The logits
+# driver uses the autograd form; the tests check both against an independent
+# reference.
 # ---------------------------------------------------------------------------
+
+
+def log_softmax_(logits_NV: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) in fp32, in place when the logits are already fp32."""
+    z = logits_NV.float()
+    z.mul_(1.0 / temperature)
+    return z.sub_(z.logsumexp(-1, keepdim=True))
 
 
 def _jsd_value_and_dlogp(ls: Tensor, lt: Tensor, beta: float, want: bool) -> tuple[Tensor, Tensor | None]:
     """Generalized JSD per row and its derivative with respect to each student log-prob.
 
     d/d ls_i: beta=0: -p_T,i; beta=1: p_S,i (ls_i - lt_i + 1); otherwise
-    (1 - beta) p_S,i (ls_i - log M_i).
+    (1 - beta) p_S,i (ls_i - log M_i). Inputs are left unchanged.
     """
     if beta == 0.0:
         pt = lt.exp()
-        div = (pt * (lt - ls)).sum(-1)
+        div = (lt - ls).mul_(pt).sum(-1)
         return div, (pt.neg_() if want else None)
     if beta == 1.0:
         ps, d = ls.exp(), ls - lt
         div = (ps * d).sum(-1)
         return div, (d.add_(1.0).mul_(ps) if want else None)
-    logm = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
-    kl_teacher = (lt.exp() * (lt - logm)).sum(-1)
-    d_s = ls - logm
+    logm = ls + math.log1p(-beta)
+    tmp = lt + math.log(beta)
+    torch.logaddexp(logm, tmp, out=logm)
+    kl_teacher = torch.sub(lt, logm, out=tmp).mul_(lt.exp()).sum(-1)
+    d_s = torch.sub(ls, logm, out=tmp)
     del logm
     ps = ls.exp()
     kl_student = (ps * d_s).sum(-1)
@@ -156,22 +166,22 @@ def _jsd_value_and_dlogp(ls: Tensor, lt: Tensor, beta: float, want: bool) -> tup
 
 @torch.no_grad()
 def divergence_value_and_grad(
-    student_logits_NV: Tensor,
-    teacher_logits_NV: Tensor,
+    student_logp_NV: Tensor,
+    teacher_logp_NV: Tensor,
     cfg: DivergenceConfig,
     token_ids_N: Tensor | None = None,
     grad_out_NK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Outputs of :func:`row_outputs` for a divergence kind, and d(sum(out * grad_out))/d student logits.
 
-    Returns ``(out_NK, grad_NV)``; ``grad_NV`` is None when ``grad_out_NK`` is None.
+    Takes fp32 log-probs at ``cfg.temperature`` (see :func:`log_softmax_`) and
+    may overwrite ``student_logp_NV``. Returns ``(out_NK, grad_NV)``;
+    ``grad_NV`` is None when ``grad_out_NK`` is None.
     """
     if cfg.kind == "sampled":
         raise ValueError("divergence_value_and_grad needs a full-distribution kind, not 'sampled'")
-    inv_t = 1.0 / cfg.temperature
     want = grad_out_NK is not None
-    ls = torch.log_softmax(student_logits_NV.float() * inv_t, dim=-1)
-    lt = torch.log_softmax(teacher_logits_NV.float() * inv_t, dim=-1)
+    ls, lt = student_logp_NV, teacher_logp_NV
     beta, vocab = cfg.effective_beta, ls.shape[-1]
     k = cfg.topk if cfg.topk is not None and cfg.topk < vocab else None
     g_ls: Tensor | None = None  # d loss / d student log-probs over the full vocabulary
@@ -190,7 +200,6 @@ def divergence_value_and_grad(
                 g_ls = torch.zeros_like(ls).scatter_(-1, idx, g_k)
         else:
             tail_s, tail_t = _tail_logmass(ls, idx), _tail_logmass(lt, idx)
-            del lt
             div, g_c = _jsd_value_and_dlogp(torch.cat([ls_k, tail_s], -1), torch.cat([lt_k, tail_t], -1), beta, want)
             if want:
                 assert g_c is not None
@@ -208,23 +217,23 @@ def divergence_value_and_grad(
     g_ls.mul_(grad_out_NK[:, :1].float())
     if needs_token_ids(cfg):
         g_ls.scatter_add_(-1, ids_N1, grad_out_NK[:, 1:2].float())
-    # through log_softmax(z / t): g_z = (g - p_S * sum(g)) / t
+    return out_NK, _through_log_softmax_(g_ls, ls, cfg.temperature)
+
+
+def _through_log_softmax_(g_ls: Tensor, ls: Tensor, temperature: float) -> Tensor:
+    """Chain rule through ls = log_softmax(z / t): (g - p * sum(g)) / t. Overwrites both inputs."""
     total_N1 = g_ls.sum(-1, keepdim=True)
-    return out_NK, g_ls.sub_(ls.exp_().mul_(total_N1)).mul_(inv_t)
+    return g_ls.sub_(ls.exp_().mul_(total_N1)).mul_(1.0 / temperature)
 
 
 @torch.no_grad()
 def token_logprob_value_and_grad(
-    logits_NV: Tensor, token_ids_N: Tensor, temperature: float, grad_out_N1: Tensor | None = None
+    logp_NV: Tensor, token_ids_N: Tensor, temperature: float, grad_out_N1: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """log p(token) per row as (N, 1), and d(sum(out * grad_out))/d logits."""
-    inv_t = 1.0 / temperature
-    z = logits_NV.float() * inv_t
-    lse_N1 = z.logsumexp(-1, keepdim=True)
+    """log p(token) per row as (N, 1) from fp32 log-probs (overwritten), and d(sum(out * grad_out))/d logits."""
     ids_N1 = token_ids_N.long().unsqueeze(-1)
-    out_N1 = z.gather(-1, ids_N1) - lse_N1
+    out_N1 = logp_NV.gather(-1, ids_N1)
     if grad_out_N1 is None:
         return out_N1, None
-    go_N1 = grad_out_N1.float()
-    g = z.sub_(lse_N1).exp_().mul_(-go_N1)
-    return out_N1, g.scatter_add_(-1, ids_N1, go_N1).mul_(inv_t)
+    g = torch.zeros_like(logp_NV).scatter_(-1, ids_N1, grad_out_N1.float())
+    return out_N1, _through_log_softmax_(g, logp_NV, temperature)

@@ -25,15 +25,16 @@ from selfdistill.objectives.config import DivergenceConfig
 from selfdistill.objectives.divergence import (
     check_token_ids,
     divergence_value_and_grad,
+    log_softmax_,
     needs_token_ids,
     resolve_vocab,
-    token_logprob_rows,
     token_logprob_value_and_grad,
 )
 from selfdistill.objectives.reduce import Count, Reduction
 from selfdistill.objectives.rows import finish, select_rows
 
-#: (student logits of one chunk, chunk start, chunk end, grad of the outputs or None)
+#: (student log-probs of one chunk (fp32, at the temperature, the op may overwrite them),
+#:  chunk start, chunk end, grad of the outputs or None)
 #: -> (outputs (chunk, K), gradient with respect to the chunk logits or None)
 RowOp = Callable[[Tensor, int, int, "Tensor | None"], "tuple[Tensor, Tensor | None]"]
 
@@ -42,22 +43,27 @@ def _head_logits(hidden_cH: Tensor, weight_VH: Tensor, bias_V: Tensor | None) ->
     """Chunk logits: the matmul in the inputs' dtype, everything after in fp32."""
     logits_cV = hidden_cH @ weight_VH.T
     if bias_V is not None:
-        logits_cV = logits_cV + bias_V.to(logits_cV.dtype)
+        logits_cV += bias_V.to(logits_cV.dtype)
     return logits_cV.float()
+
+
+def _head_logp(hidden_cH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temperature: float) -> Tensor:
+    """Chunk log-probs at ``temperature``, fp32, computed in place over the fresh logits."""
+    return log_softmax_(_head_logits(hidden_cH, weight_VH, bias_V), temperature)
 
 
 class _ChunkedHead(torch.autograd.Function):
     """out_NK = cat over chunks of op(hidden[c] @ W.T + b); backward recomputes chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, op: RowOp, chunk_size: int, width: int):  # type: ignore[override]
+    def forward(ctx, hidden_NH, weight_VH, bias_V, op: RowOp, chunk_size: int, width: int, temperature: float):  # type: ignore[override]
         n = hidden_NH.shape[0]
         outs = []
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            outs.append(op(_head_logits(hidden_NH[s:e], weight_VH, bias_V), s, e, None)[0])
+            outs.append(op(_head_logp(hidden_NH[s:e], weight_VH, bias_V, temperature), s, e, None)[0])
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V)
-        ctx.op, ctx.chunk_size = op, chunk_size
+        ctx.op, ctx.chunk_size, ctx.temperature = op, chunk_size, temperature
         return torch.cat(outs) if outs else hidden_NH.new_zeros((0, width), dtype=torch.float32)
 
     @staticmethod
@@ -72,16 +78,17 @@ class _ChunkedHead(torch.autograd.Function):
         for s in range(0, n, c):
             e = min(s + c, n)
             h_cH = hidden_NH[s:e]
-            _, g_cV = ctx.op(_head_logits(h_cH, weight_VH, bias_V), s, e, grad_out_NK[s:e])
+            _, g_cV = ctx.op(_head_logp(h_cH, weight_VH, bias_V, ctx.temperature), s, e, grad_out_NK[s:e])
             if grad_h is not None:
                 grad_h[s:e] = g_cV.to(weight_VH.dtype) @ weight_VH
             if grad_w is not None:
                 grad_w.addmm_(g_cV.T, h_cH.float())
             if grad_b is not None:
                 grad_b += g_cV.sum(0)
+            del g_cV  # free this chunk's gradient before the next chunk allocates its own
         grad_w = grad_w.to(weight_VH.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias_V.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def _flatten(hidden: Tensor, name: str) -> Tensor:
@@ -123,10 +130,10 @@ def token_logprobs_from_hidden(
     ids_N = token_ids_N.to(h_NH.device).reshape(-1).long()
     check_token_ids(ids_N, lm_head_weight_VH.shape[0])
 
-    def op(logits_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return token_logprob_value_and_grad(logits_cV, ids_N[s:e], temperature, grad_cK)
+    def op(logp_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return token_logprob_value_and_grad(logp_cV, ids_N[s:e], temperature, grad_cK)
 
-    out_N1 = _ChunkedHead.apply(h_NH, lm_head_weight_VH, lm_head_bias_V, op, chunk_size, 1)
+    out_N1 = _ChunkedHead.apply(h_NH, lm_head_weight_VH, lm_head_bias_V, op, chunk_size, 1, temperature)
     return out_N1.squeeze(-1).reshape(lead_shape)
 
 
@@ -177,34 +184,30 @@ def divergence_from_hidden(
     ht_MH = ht_NH[rows.rows_M].to(wt_VH.dtype)
     ids_M = rows.token_ids_M
 
-    def teacher_logits(s: int, e: int) -> Tensor:
+    def teacher_logp(s: int, e: int) -> Tensor:
         with torch.no_grad():
-            return _head_logits(ht_MH[s:e], wt_VH, bt_V)
+            return _head_logp(ht_MH[s:e], wt_VH, bt_V, cfg.temperature)
 
     if cfg.kind == "sampled":
         assert ids_M is not None
 
-        def student_logp(logits_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
-            return token_logprob_value_and_grad(logits_cV, ids_M[s:e], cfg.temperature, grad_cK)
+        def student_logp(logp_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            return token_logprob_value_and_grad(logp_cV, ids_M[s:e], cfg.temperature, grad_cK)
 
-        logp_s_M1 = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, student_logp, chunk, 1)
-        with torch.no_grad():
-            logp_t_M1 = torch.cat(
-                [
-                    token_logprob_rows(teacher_logits(s, s + chunk), ids_M[s : s + chunk], cfg.temperature)
-                    for s in range(0, len(ids_M), chunk)
-                ]
-                or [logp_s_M1.new_zeros(0)]
-            ).unsqueeze(-1)
+        logp_s_M1 = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, student_logp, chunk, 1, cfg.temperature)
+        logp_t_M1 = torch.cat(
+            [teacher_logp(s, s + chunk).gather(-1, ids_M[s : s + chunk, None]) for s in range(0, len(ids_M), chunk)]
+            or [logp_s_M1.new_zeros((0, 1))]
+        )
         out_MK = torch.cat([logp_s_M1, logp_t_M1], dim=-1)
     else:
 
-        def divergence(logits_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        def divergence(logp_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
             ids_c = ids_M[s:e] if ids_M is not None else None
-            return divergence_value_and_grad(logits_cV, teacher_logits(s, e), cfg, ids_c, grad_cK)
+            return divergence_value_and_grad(logp_cV, teacher_logp(s, e), cfg, ids_c, grad_cK)
 
         width = 2 if needs_token_ids(cfg) else 1
-        out_MK = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, divergence, chunk, width)
+        out_MK = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, divergence, chunk, width, cfg.temperature)
     return finish(out_MK, rows, cfg, num_items_in_batch, reduction)
 
 

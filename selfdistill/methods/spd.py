@@ -1,0 +1,188 @@
+"""SPD, Self-Policy Distillation (arXiv 2605.22675): the flagship.
+
+Paper says: extract a low-rank capability subspace from the model's own
+gradients on correctness-defining tokens; project K/V activations into it
+during self-generation; fine-tune on the raw outputs with next-token loss; no
+labels, verifier or reward. We do (details and reasons in docs/methods/spd.md):
+
+1. probe: sample completions on unlabeled train prompts from the model;
+2. mark the correctness-defining tokens by format (``spd.selector``);
+3. back-propagate their NLL to every layer's K and V projection outputs and
+   keep the top ``spd.rank`` directions of the stacked gradients per site;
+4. sample the round's training data with the projection hooks active
+   (``h -> mu + P(h - mu) + beta (I - P)(h - mu)``), no filtering;
+5. fine-tune the unhooked model on it with next-token loss (shared with SSD).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+
+from selfdistill.methods.base import register
+from selfdistill.methods.selfgen import SelfGenMethod
+from selfdistill.models import unwrap
+from selfdistill.rollout import generate
+from selfdistill.sequences import chat_prompt, make_batch
+from selfdistill.spd.projection import project_kv
+from selfdistill.spd.selectors import select_tokens
+from selfdistill.spd.subspace import (SubspaceAccumulator, SubspaceSet, kv_gradients, layer_energy, load_subspaces,
+                                      save_subspaces, top_layers)
+
+
+def _layer_spec(spec: str, sset: SubspaceSet) -> Any:
+    spec = spec.strip()
+    if spec == "all":
+        return "all"
+    if spec.startswith("top:"):
+        return sorted(top_layers(layer_energy(sset), int(spec[4:])))
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"spd.layers: cannot read {spec!r}; use all, top:N or a comma list of layers") from None
+
+
+def randomize(sset: SubspaceSet, seed: int) -> SubspaceSet:
+    """The ablation: each site's basis replaced by a random orthonormal one of the same rank."""
+    gen = torch.Generator().manual_seed(seed)
+    subs = {}
+    for key, s in sset.subspaces.items():
+        q, _ = torch.linalg.qr(torch.randn(s.U_dr.shape[0], max(1, s.rank), generator=gen, dtype=torch.float64))
+        subs[key] = type(s)(**{**s.__dict__, "U_dr": q[:, : s.rank].to(s.U_dr.dtype)})
+    return SubspaceSet(subs, sset.rank, sset.energy, sset.per_head, sset.center, sset.model_class,
+                       {**sset.extra, "random": True})
+
+
+def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None = None,
+                     micro_batch: int = 16, log=print) -> SubspaceSet:
+    """Steps 1-3: probe the model on unlabeled prompts, fit the K/V capability subspace."""
+    s = cfg.spd
+    rng = random.Random(seed)
+    probe = rng.sample(items, k=min(s.probe_size, len(items)))
+    prompts = [chat_prompt(tokenizer, it.prompt, system) for it in probe for _ in range(s.probe_samples)]
+    probe_items = [it for it in probe for _ in range(s.probe_samples)]
+    torch.manual_seed(seed)
+    ro = generate(model, tokenizer, prompts, cfg.rollout)
+    acc = SubspaceAccumulator()
+    device = next(model.parameters()).device
+    used = selected = 0
+    rows = []
+    for it, p_ids, c_ids, text in zip(probe_items, ro.prompt_ids, ro.completion_ids, ro.texts):
+        sel = select_tokens(tokenizer, it, c_ids, text, s.selector)
+        if sum(sel):
+            rows.append((p_ids, c_ids, sel))
+    if not rows:
+        raise RuntimeError("spd: no probe completion had correctness-defining tokens "
+                           f"(selector={s.selector!r}); the model never wrote the answer marker. "
+                           "Try spd.selector=all or more spd.probe_size")
+    for start in range(0, len(rows), micro_batch):
+        chunk = rows[start:start + micro_batch]
+        batch = make_batch([r[0] for r in chunk], [r[1] for r in chunk], tokenizer.pad_token_id).to(device)
+        loss_mask = torch.zeros_like(batch.completion_mask_BT)
+        for b, (p_ids, c_ids, sel) in enumerate(chunk):
+            loss_mask[b, len(p_ids):len(p_ids) + len(c_ids)] = torch.tensor(sel, device=device)
+        kv = kv_gradients(model, batch.input_ids_BT, batch.attention_mask_BT, loss_mask,
+                          position_ids_BT=batch.position_ids_BT,
+                          positions="all" if s.grad_positions == "all" else "completion")
+        acc.add(kv)
+        used += len(chunk)
+        selected += int(loss_mask.sum())
+    sset = acc.fit(rank=s.rank or None, energy=s.energy or None, per_head=s.per_head, center=s.center,
+                   extra={"selector": s.selector, "probe_sequences": used, "selected_tokens": selected,
+                          "seed": seed})
+    log(f"spd subspace: {used}/{len(prompts)} probe completions with correctness tokens, "
+        f"{selected} tokens, rank {s.rank or 'by energy'} on {len(sset.subspaces)} sites")
+    if s.subspace == "random":
+        sset = randomize(sset, seed)
+    return sset
+
+
+@register
+class SPD(SelfGenMethod):
+    name = "spd"
+    paper = "arXiv 2605.22675"
+    summary = ("self-policy distillation: SFT on samples generated with K/V projected onto the model's "
+               "own capability subspace")
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.rounds = ctx.cfg.spd.rounds
+        self.samples_per_prompt = ctx.cfg.spd.samples_per_prompt
+        self.subspaces: SubspaceSet | None = None
+
+    def on_round_start(self, round_idx: int) -> None:
+        ctx, s = self.ctx, self.ctx.cfg.spd
+        if s.subspace_path:
+            self.subspaces = load_subspaces(s.subspace_path)
+            return
+        items = ctx.stream.items
+        self.subspaces = extract_subspace(unwrap(ctx.model), ctx.tokenizer, items, ctx.cfg,
+                                          seed=ctx.cfg.seed * 1000 + round_idx, system=ctx.system,
+                                          log=ctx.log)
+        if ctx.accelerator.is_main_process:
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            save_subspaces(ctx.out_dir / f"subspace-round{round_idx}.safetensors", self.subspaces)
+
+    def view(self) -> ContextManager[Any]:
+        s = self.ctx.cfg.spd
+        kinds = ("k", "v") if s.kinds == "kv" else (s.kinds,)
+        return project_kv(unwrap(self.ctx.model), self.subspaces, beta=s.beta,
+                          layers=_layer_spec(s.layers, self.subspaces), kinds=kinds)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["subspaces"] = self.subspaces
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.subspaces = state.get("subspaces")
+
+
+def extract_subspace_cli(cfg, out: str) -> Path:
+    """``selfdistill spd subspace``: extract, save (safetensors) and plot per-layer spectra."""
+    from selfdistill.models import load_model
+    from selfdistill.tasks.registry import ItemStream, build_tasks
+
+    tasks = build_tasks(cfg.data)
+    model, tok = load_model(cfg.model)
+    items = ItemStream(tasks, cfg.batch_size, cfg.seed).items
+    sset = extract_subspace(model, tok, items, cfg, seed=cfg.seed * 1000, system=cfg.model.system_prompt or None)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_subspaces(out_dir / "subspace.safetensors", sset)
+    png = plot_spectra(sset, out_dir / "spectra.png")
+    print(f"saved {out_dir / 'subspace.safetensors'} and {png}")
+    for (layer, kind), e in sorted(layer_energy(sset).items()):
+        s = sset.subspaces[(layer, kind)]
+        print(f"layer {layer} {kind}: rank {s.rank}/{s.dim}, gradient energy {e:.3e}")
+    return out_dir
+
+
+def plot_spectra(sset: SubspaceSet, path: Path) -> Path:
+    """Per-layer singular-value spectra of the K and V gradients (normalised, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, kind in zip(axes, ("k", "v")):
+        for (layer, k), s in sorted(sset.subspaces.items()):
+            if k != kind:
+                continue
+            sv = s.singular_values_Hk.flatten().float()
+            sv = sv / sv.max().clamp(min=1e-30)
+            ax.plot(range(1, len(sv) + 1), sv.numpy(), marker=".", label=f"layer {layer}")
+            ax.axvline(s.rank, color="grey", lw=0.5, ls=":")
+        ax.set(title=f"{'keys' if kind == 'k' else 'values'}: gradient singular values", xlabel="index",
+               yscale="log")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("sigma / sigma_1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
