@@ -18,7 +18,12 @@ from selfdistill.objectives.config import DivergenceConfig
 from selfdistill.objectives.divergence import generalized_jsd, per_row_divergence, token_logprob_rows
 from selfdistill.objectives.hidden import divergence_from_hidden, token_logprobs_from_hidden
 from selfdistill.objectives.logits import token_divergence
-from selfdistill.objectives.reduce import global_token_count, importance_weights, reduce_token_losses, sampled_token_loss
+from selfdistill.objectives.reduce import (
+    global_token_count,
+    importance_weights,
+    reduce_token_losses,
+    sampled_token_loss,
+)
 
 __all__ = [
     "DivergenceConfig",

@@ -2,16 +2,19 @@
 
 Starting from the last hidden states and the lm_head weight, logits exist only
 one chunk of tokens at a time: ``chunk x V``. The forward pass keeps nothing
-but the per-token outputs; backward recomputes each chunk's logits, takes the
-gradient with respect to them, and folds it straight into the gradients of
-the hidden states and the lm_head weight (and bias). Peak extra memory is a
-few ``chunk x V`` fp32 tensors plus one fp32 ``V x H`` weight-gradient buffer
-(only if the head is trainable), never ``N x V``.
+but the per-token outputs; backward recomputes each chunk's logits, computes
+the gradient with respect to them in closed form (``divergence_value_and_grad``)
+and folds it straight into the gradients of the hidden states and the lm_head
+weight (and bias). Peak extra memory is about 5 ``chunk x V`` fp32 tensors
+plus one fp32 ``V x H`` weight-gradient buffer (only if the head is
+trainable), never ``N x V``.
 
 Cost: the student and teacher head matmuls run twice (forward and backward),
-as with activation checkpointing. The head is a plain linear map,
-``logits = hidden @ W.T (+ b)``; models with logit soft-capping or scaling
-need those applied elsewhere.
+as with activation checkpointing. The head matmul runs in the weight's dtype
+with autocast off (forward and recompute must agree), the rest in fp32. The
+head is a plain linear map, ``logits = hidden @ W.T (+ b)``; models with logit
+soft-capping or scaling need those applied elsewhere. Under FSDP / ZeRO-3 the
+weight passed in must be the full (gathered) weight.
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ class _ChunkedHead(torch.autograd.Function):
     """out_NK = cat over chunks of op(hidden[c] @ W.T + b); backward recomputes chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, op: RowOp, chunk_size: int, width: int, temperature: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden_NH, weight_VH, bias_V, op: RowOp, chunk_size: int, width: int, temperature: float
+    ):
         n = hidden_NH.shape[0]
         outs = []
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            outs.append(op(_head_logp(hidden_NH[s:e], weight_VH, bias_V, temperature), s, e, None)[0])
+        with torch.autocast(hidden_NH.device.type, enabled=False):
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                outs.append(op(_head_logp(hidden_NH[s:e], weight_VH, bias_V, temperature), s, e, None)[0])
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V)
         ctx.op, ctx.chunk_size, ctx.temperature = op, chunk_size, temperature
         return torch.cat(outs) if outs else hidden_NH.new_zeros((0, width), dtype=torch.float32)
@@ -75,17 +81,18 @@ class _ChunkedHead(torch.autograd.Function):
         grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
         grad_b = torch.zeros(weight_VH.shape[0], dtype=torch.float32, device=weight_VH.device) if need_b else None
         n, c = hidden_NH.shape[0], ctx.chunk_size
-        for s in range(0, n, c):
-            e = min(s + c, n)
-            h_cH = hidden_NH[s:e]
-            _, g_cV = ctx.op(_head_logp(h_cH, weight_VH, bias_V, ctx.temperature), s, e, grad_out_NK[s:e])
-            if grad_h is not None:
-                grad_h[s:e] = g_cV.to(weight_VH.dtype) @ weight_VH
-            if grad_w is not None:
-                grad_w.addmm_(g_cV.T, h_cH.float())
-            if grad_b is not None:
-                grad_b += g_cV.sum(0)
-            del g_cV  # free this chunk's gradient before the next chunk allocates its own
+        with torch.autocast(hidden_NH.device.type, enabled=False):
+            for s in range(0, n, c):
+                e = min(s + c, n)
+                h_cH = hidden_NH[s:e]
+                _, g_cV = ctx.op(_head_logp(h_cH, weight_VH, bias_V, ctx.temperature), s, e, grad_out_NK[s:e])
+                if grad_h is not None:
+                    grad_h[s:e] = g_cV.to(weight_VH.dtype) @ weight_VH
+                if grad_w is not None:
+                    grad_w.addmm_(g_cV.T, h_cH.float())
+                if grad_b is not None:
+                    grad_b += g_cV.sum(0)
+                del g_cV  # free this chunk's gradient before the next chunk allocates its own
         grad_w = grad_w.to(weight_VH.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias_V.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None
@@ -122,9 +129,13 @@ def token_logprobs_from_hidden(
     """
     lead_shape = hidden_NH.shape[:-1]
     if token_ids_N.shape != lead_shape:
-        raise ValueError(f"token_ids shape {tuple(token_ids_N.shape)} does not match hidden positions {tuple(lead_shape)}")
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids_N.shape)} does not match hidden positions {tuple(lead_shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     h_NH = _flatten(hidden_NH, "hidden").to(lm_head_weight_VH.dtype)
     _check_head(h_NH, lm_head_weight_VH, lm_head_bias_V, "")
     ids_N = token_ids_N.to(h_NH.device).reshape(-1).long()

@@ -13,7 +13,14 @@ from torch import Tensor
 
 from selfdistill.objectives.config import DivergenceConfig
 from selfdistill.objectives.divergence import check_token_ids, needs_token_ids
-from selfdistill.objectives.reduce import Count, Reduction, as_mask, importance_weights, reduce_token_losses, sampled_token_loss
+from selfdistill.objectives.reduce import (
+    Count,
+    Reduction,
+    as_mask,
+    importance_weights,
+    reduce_token_losses,
+    sampled_token_loss,
+)
 
 
 @dataclass
@@ -48,7 +55,9 @@ def select_rows(
         if token_ids is None:
             raise ValueError(f"{why} needs token_ids (the realised tokens)")
         if token_ids.shape != lead_shape:
-            raise ValueError(f"token_ids shape {tuple(token_ids.shape)} does not match token positions {tuple(lead_shape)}")
+            raise ValueError(
+                f"token_ids shape {tuple(token_ids.shape)} does not match token positions {tuple(lead_shape)}"
+            )
         ids_M = token_ids.to(device).reshape(-1)[rows_M].long()
         check_token_ids(ids_M, vocab)
     if cfg.is_clip is not None:
