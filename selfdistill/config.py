@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selfdistill.evaluate import EvalConfig
+from selfdistill.method_configs import (OnPolicyConfig, OPSDConfig, SDFTConfig, SDPOConfig, SPDConfig,
+                                        SSDConfig)
+from selfdistill.objectives import DivergenceConfig
+from selfdistill.teachers import TeacherConfig
 from selfdistill.rollout import SamplingConfig
 
 
@@ -60,49 +64,6 @@ class OptimConfig:
 
 
 @dataclass
-class SSDConfig:
-    """SSD, simple self-distillation (arXiv 2604.01193): SFT on the model's own raw samples."""
-
-    rounds: int = field(default=1, metadata={
-        "help": "Sample a fresh dataset from the current model this many times over the run (1 = once, from the base)."})
-    samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per prompt."})
-
-
-@dataclass
-class SPDConfig:
-    """SPD, Self-Policy Distillation (arXiv 2605.22675): see docs/methods/spd.md."""
-
-    selector: Literal["answer", "all"] = field(default="answer", metadata={
-        "help": "Correctness-defining tokens: the final-answer span (by format) or all completion tokens (ablation)."})
-    probe_size: int = field(default=96, metadata={"help": "Unlabeled train prompts sampled to build the subspace."})
-    probe_samples: int = field(default=2, metadata={"help": "Completions per probe prompt."})
-    rank: int = field(default=8, metadata={"help": "Subspace rank per site (0 = use energy)."})
-    energy: float = field(default=0.0, metadata={"help": "If > 0: smallest rank keeping this share of gradient energy."})
-    per_head: bool = field(default=False, metadata={"help": "One subspace per KV head instead of per layer."})
-    center: bool = field(default=True, metadata={"help": "Project around the activations' mean (mu) instead of 0."})
-    kinds: Literal["kv", "k", "v"] = field(default="kv", metadata={"help": "Project keys, values or both."})
-    layers: str = field(default="all", metadata={"help": "'all', 'top:N' (by gradient energy), or a comma list of layer indices."})
-    beta: float = field(default=0.5, metadata={"help": "Share of the complement kept: 0 = hard projection, 1 = no projection."})
-    grad_positions: Literal["all", "completion"] = field(default="all", metadata={
-        "help": "Positions whose K/V gradients are stacked."})
-    subspace: Literal["gradient", "random"] = field(default="gradient", metadata={
-        "help": "'random' = a random subspace of the same rank (ablation)."})
-    rounds: int = field(default=1, metadata={"help": "Rounds; each recomputes the subspace and resamples."})
-    samples_per_prompt: int = field(default=1, metadata={"help": "Completions sampled per training prompt."})
-    subspace_path: str = field(default="", metadata={"help": "Load a saved subspace (safetensors) instead of extracting."})
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"spd.beta must be in [0, 1], got {self.beta}")
-        if self.rank < 0:
-            raise ValueError(f"spd.rank must be >= 0, got {self.rank}")
-        if not 0.0 <= self.energy <= 1.0:
-            raise ValueError(f"spd.energy must be in [0, 1], got {self.energy}")
-        if self.rank == 0 and self.energy == 0.0:
-            raise ValueError("spd.rank is 0 and spd.energy is 0: set one of them")
-
-
-@dataclass
 class TrainConfig:
     """A whole run. Defaults are the toy-world run of ``selfdistill train``."""
 
@@ -127,6 +88,12 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ssd: SSDConfig = field(default_factory=SSDConfig)
     spd: SPDConfig = field(default_factory=SPDConfig)
+    distill: DivergenceConfig = field(default_factory=DivergenceConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    opsd: OPSDConfig = field(default_factory=OPSDConfig)
+    sdft: SDFTConfig = field(default_factory=SDFTConfig)
+    sdpo: SDPOConfig = field(default_factory=SDPOConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

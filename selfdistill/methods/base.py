@@ -22,7 +22,9 @@ from selfdistill.tasks.base import Item, Task
 class TrainBatch:
     """One step's training data: student sequences, and per-method extras.
 
-    Tensor fields are split along dim 0 into micro-batches by :meth:`split`.
+    Tensor fields are split along dim 0 into micro-batches by :meth:`split`;
+    those named ``*_BT`` are per position of the student sequence (column t is
+    about token t) and are trimmed with its padding.
     """
 
     student: SequenceBatch
@@ -38,9 +40,11 @@ class TrainBatch:
         out = []
         for s in range(0, len(self), size):
             sl = slice(s, s + size)
-            out.append(TrainBatch(_slice_seq(self.student, sl),
-                                  _slice_seq(self.teacher, sl) if self.teacher is not None else None,
-                                  {k: v[sl] for k, v in self.tensors.items()}, dict(self.info)))
+            student = _slice_seq(self.student, sl)
+            T = student.input_ids_BT.shape[1]
+            tensors = {k: (v[sl, :T] if k.endswith("_BT") else v[sl]) for k, v in self.tensors.items()}
+            out.append(TrainBatch(student, _slice_seq(self.teacher, sl) if self.teacher is not None else None,
+                                  tensors, dict(self.info)))
         return out
 
 

@@ -1,0 +1,138 @@
+"""On-policy distillation with a teacher view: the shared recipe of OPSD, SDFT, SDPO, ...
+
+Each step:
+
+1. the student samples ``onpolicy.samples_per_prompt`` completions per prompt
+   (on-policy, current weights);
+2. the method's *view* writes the teacher's prompt for each sample (problem +
+   privileged context), or ``None`` to give that sample no teacher signal;
+3. student and teacher score the same completion tokens, each behind its
+   own prompt (both through the chat template);
+4. the objective library's per-token divergence (``distill.*``) is taken on
+   the completion tokens, normalised by the global token count.
+
+Subclasses only write :meth:`OnPolicyMethod.teacher_prompts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from selfdistill.methods.base import Method, TrainBatch
+from selfdistill.models import unwrap
+from selfdistill.rollout import Rollouts, generate
+from selfdistill.scoring import lm_head_weight, target_logprobs
+from selfdistill.objectives import divergence_from_hidden
+from selfdistill.sequences import chat_prompt, encode_prompts, forward_hidden, make_batch
+from selfdistill.tasks.base import Item
+from selfdistill.teachers import Teacher
+
+
+@dataclass
+class Group:
+    """The rollouts of one prompt, with verifier rewards when a method asks for them."""
+
+    item: Item
+    texts: list[str]
+    rewards: list[float] | None = None
+
+
+class OnPolicyMethod(Method):
+    """Student rollouts scored by a teacher view; loss from the objective library."""
+
+    needs_rewards: bool = False
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.teacher = Teacher(unwrap_keep_peft(ctx.model), ctx.cfg.teacher)
+
+    # -- what subclasses write
+    def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
+        """Per group, per rollout: the teacher's user message, or None for no signal."""
+        raise NotImplementedError
+
+    # -- the shared recipe
+    def rollout(self, items: list[Item]) -> tuple[Rollouts, list[Group]]:
+        ctx, k = self.ctx, self.ctx.cfg.onpolicy.samples_per_prompt
+        prompts = [chat_prompt(ctx.tokenizer, it.prompt, ctx.system) for it in items for _ in range(k)]
+        ro = generate(unwrap(ctx.model), ctx.tokenizer, prompts, ctx.cfg.rollout)
+        groups = []
+        for i, it in enumerate(items):
+            texts = ro.texts[i * k:(i + 1) * k]
+            rewards = None
+            if self.needs_rewards:
+                from selfdistill.tasks.verify import verify_item
+
+                rewards = [float(verify_item(it, t)) for t in texts]
+            groups.append(Group(it, texts, rewards))
+        return ro, groups
+
+    def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
+        ctx = self.ctx
+        ro, groups = self.rollout(items)
+        t_users = [u for g in self.teacher_prompts(groups) for u in g]
+        keep = [u is not None for u in t_users]
+        t_prompts = [chat_prompt(ctx.tokenizer, u if u is not None else it.prompt, ctx.system)
+                     for u, it in zip(t_users, [g.item for g in groups for _ in g.texts])]
+        t_ids = encode_prompts(ctx.tokenizer, t_prompts)
+        limit = ctx.cfg.onpolicy.max_teacher_prompt_tokens
+        for ids, g in zip(t_ids, [g for g in groups for _ in g.texts]):
+            if len(ids) > limit:
+                raise ValueError(f"teacher prompt for item {g.item.id} has {len(ids)} tokens, over "
+                                 f"onpolicy.max_teacher_prompt_tokens={limit}")
+        pad = ctx.tokenizer.pad_token_id
+        student = make_batch(ro.prompt_ids, ro.completion_ids, pad)
+        teacher = make_batch(t_ids, ro.completion_ids, pad)
+        weights = torch.tensor([1.0 if k else 0.0 for k in keep])
+        tensors = {"weights_B": weights}
+        if ctx.cfg.distill.is_clip is not None:
+            with torch.no_grad():
+                logp = target_logprobs(unwrap(ctx.model), student.to(ctx.device),
+                                       temperature=ctx.cfg.distill.temperature).cpu()
+                # Column t holds log p(token t): aligned with the student sequence.
+                tensors["old_logp_BT"] = torch.nn.functional.pad(logp, (1, 0))
+        info = {"teacher_signal_frac": float(weights.mean()),
+                "completion_len": sum(len(c) for c in ro.completion_ids) / max(1, len(ro.completion_ids))}
+        if self.needs_rewards:
+            rs = [r for g in groups for r in (g.rewards or [])]
+            info["reward_mean"] = sum(rs) / max(1, len(rs))
+        return TrainBatch(student, teacher, tensors, info)
+
+    def token_mask(self, batch: TrainBatch) -> torch.Tensor:
+        return batch.student.completion_mask_BT[:, 1:] * batch.tensors["weights_B"][:, None].to(
+            batch.student.completion_mask_BT.device)
+
+    def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, dcfg = self.ctx, self.ctx.cfg.distill
+        s_batch, t_batch = micro.student.to(ctx.device), micro.teacher.to(ctx.device)
+        s_mask = s_batch.completion_mask_BT[:, 1:].bool()
+        t_mask = t_batch.completion_mask_BT[:, 1:].bool()
+        s_rows = forward_hidden(ctx.model, s_batch)[:, :-1][s_mask]
+        with self.teacher.scoring() as tm:
+            t_rows = forward_hidden(tm, t_batch)[:, :-1][t_mask]
+            t_head = lm_head_weight(tm).detach()
+        weights_N = micro.tensors["weights_B"].to(ctx.device)[:, None].expand_as(s_mask)[s_mask]
+        ids_N = s_batch.input_ids_BT[:, 1:][s_mask]
+        old = micro.tensors.get("old_logp_BT")
+        loss = divergence_from_hidden(
+            s_rows, lm_head_weight(ctx.model), t_rows, t_head, mask_N=weights_N, cfg=dcfg,
+            token_ids_N=ids_N, old_logprobs_N=old.to(ctx.device)[:, 1:][s_mask] if old is not None else None,
+            num_items_in_batch=num_tokens)
+        return loss, {}
+
+    def after_step(self, step: int) -> None:
+        self.teacher.update(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state.get("teacher", {}))
+
+
+def unwrap_keep_peft(model):
+    """Through DDP wrappers only: a PEFT model stays a PEFT model (its adapter can be disabled)."""
+    return getattr(model, "module", model)

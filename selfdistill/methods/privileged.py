@@ -1,0 +1,84 @@
+"""Privileged-context self-distillation: OPSD, SDFT, SDPO.
+
+The teacher is the same model given something the student does not see;
+templates are configurable (``{problem}``, ``{solution}``, ``{demonstration}``,
+``{attempt}`` placeholders). Student and teacher prompts both go through the
+chat template (see :func:`selfdistill.sequences.chat_prompt`).
+"""
+
+from __future__ import annotations
+
+import random
+from selfdistill.methods.base import register
+from selfdistill.methods.onpolicy import Group, OnPolicyMethod
+
+def _fill(template: str, **kw: str) -> str:
+    try:
+        return template.format(**kw)
+    except KeyError as e:
+        raise ValueError(f"teacher template has unknown placeholder {e}; known: {', '.join(kw)}") from None
+
+
+def _need_solution(item) -> str:
+    if not item.solution:
+        raise ValueError(f"item {item.id}: this method needs a reference solution and the item has none")
+    return item.solution
+
+
+@register
+class OPSD(OnPolicyMethod):
+    name = "opsd"
+    paper = "arXiv 2601.18734"
+    summary = "on-policy self-distillation: teacher = same model + reference solution"
+
+    def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
+        t = self.ctx.cfg.opsd.template
+        return [[_fill(t, problem=g.item.prompt, solution=_need_solution(g.item)) for _ in g.texts]
+                for g in groups]
+
+
+@register
+class SDFT(OnPolicyMethod):
+    name = "sdft"
+    paper = "arXiv 2601.19897"
+    summary = "self-distillation fine-tuning: teacher = same model + a demonstration in context"
+
+    def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
+        cfg = self.ctx.cfg.sdft
+        out = []
+        pool = self.ctx.stream.items
+        for g in groups:
+            if cfg.demonstration == "own":
+                demo = _need_solution(g.item)
+            else:
+                other = pool[random.Random(g.item.id).randrange(len(pool))]
+                demo = f"Problem: {other.prompt}\nAnswer: {_need_solution(other)}"
+            out.append([_fill(cfg.template, problem=g.item.prompt, demonstration=demo) for _ in g.texts])
+        return out
+
+
+@register
+class SDPO(OnPolicyMethod):
+    name = "sdpo"
+    paper = "arXiv 2601.20802"
+    summary = "self-distilled policy optimisation: teacher = same model + a successful rollout of the group"
+    needs_rewards = True
+
+    def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
+        cfg = self.ctx.cfg.sdpo
+        out = []
+        for g in groups:
+            rewards = g.rewards or [0.0] * len(g.texts)
+            row: list[str | None] = []
+            for i in range(len(g.texts)):
+                if rewards[i] > 0 and not cfg.reprompt_on_self_success:
+                    row.append(None)
+                    continue
+                peers = [j for j in range(len(g.texts)) if j != i and rewards[j] > 0]
+                if not peers:
+                    row.append(None)
+                    continue
+                j = peers[random.Random(f"{g.item.id}/{i}").randrange(len(peers))]
+                row.append(_fill(cfg.template, problem=g.item.prompt, attempt=g.texts[j]))
+            out.append(row)
+        return out

@@ -1,0 +1,89 @@
+"""Teachers: which weights score the teacher view.
+
+- ``initial``: the model as it was at the start. With LoRA this is the base
+  model with the adapter disabled (no second copy in memory); without LoRA a
+  frozen copy.
+- ``live``: the current student weights (under no-grad).
+- ``ema``: an exponential moving average of the student, updated every
+  ``ema_every`` steps with rate ``ema_rate``.
+Teacher logits are always computed under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import torch
+
+
+@dataclass
+class TeacherConfig:
+    """Which weights the teacher uses."""
+
+    kind: Literal["initial", "live", "ema"] = field(default="initial", metadata={
+        "help": "initial: the starting model (LoRA disabled, or a frozen copy); live: the current student; "
+                "ema: a moving average of the student."})
+    ema_rate: float = field(default=0.05, metadata={"help": "EMA: teacher <- (1-rate) teacher + rate student."})
+    ema_every: int = field(default=1, metadata={"help": "EMA: update every N optimizer steps."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError(f"teacher.ema_rate must be in (0, 1], got {self.ema_rate}")
+        if self.ema_every < 1:
+            raise ValueError(f"teacher.ema_every must be >= 1, got {self.ema_every}")
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class Teacher:
+    """Scores teacher views with the configured weights."""
+
+    def __init__(self, model, cfg: TeacherConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.copy = None
+        if cfg.kind == "ema" or (cfg.kind == "initial" and not _is_peft(model)):
+            self.copy = copy.deepcopy(model).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[Any]:
+        """Yields the module to run the teacher forward with, in eval mode, no grad."""
+        if self.copy is not None:
+            with torch.no_grad():
+                yield self.copy
+            return
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if self.cfg.kind == "initial":
+                    with self.model.disable_adapter():
+                        yield self.model
+                else:
+                    yield self.model
+        finally:
+            self.model.train(was)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """EMA update after optimizer step ``step`` (0-based)."""
+        if self.cfg.kind != "ema" or (step + 1) % self.cfg.ema_every:
+            return
+        r = self.cfg.ema_rate
+        for t, s in zip(self.copy.parameters(), self.model.parameters()):
+            t.mul_(1 - r).add_(s.detach().to(t.dtype), alpha=r)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.cfg.kind == "ema":
+            return {"ema": {k: v.detach().cpu().clone() for k, v in self.copy.state_dict().items()}}
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.cfg.kind == "ema" and "ema" in state:
+            self.copy.load_state_dict(state["ema"])
