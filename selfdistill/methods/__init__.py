@@ -1,6 +1,6 @@
 """Every method registers itself here on import (see :mod:`selfdistill.methods.base`)."""
 
-from selfdistill.methods import privileged, ssd  # noqa: F401
+from selfdistill.methods import privileged, sft, ssd  # noqa: F401
 from selfdistill.methods.base import REGISTRY, Method, TrainBatch, get_method, register
 
 try:  # SPD lands with its core; keep the registry importable meanwhile.

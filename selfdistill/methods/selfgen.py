@@ -82,7 +82,7 @@ class SelfGenMethod(Method):
         return TrainBatch(batch, info=dict(getattr(self, "last_round_info", {})))
 
     def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        return next_token_loss(self.ctx.model, micro.student, num_tokens)
+        return next_token_loss(self.ctx.model, micro.student.to(self.ctx.device), num_tokens)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer, "round": self.round,
