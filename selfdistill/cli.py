@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--split", default="train", choices=["train", "valid", "test_id", "test_ood"])
     show.add_argument("--n", type=int, default=3)
 
+    from selfdistill.experiments import TableConfig
+
+    tab = sub.add_parser("table", help="The miniature results table: rows x seeds on the toy world.")
+    add_flags(tab, TableConfig)
+
     spd = sub.add_parser("spd", help="SPD tools.")
     ssub = spd.add_subparsers(dest="spd_command", required=True)
     subsp = ssub.add_parser("subspace", help="Extract and save the capability subspace, plot its spectra.")
@@ -130,9 +135,17 @@ def cmd_spd(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(ns: argparse.Namespace) -> int:
+    from selfdistill.experiments import TableConfig, run_table
+
+    run_table(build(TableConfig, None, _dotted(ns, TableConfig)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
+                "table": cmd_table}
     try:
         return handlers[ns.command](ns)
     except ConfigError as e:

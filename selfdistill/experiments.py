@@ -1,0 +1,160 @@
+"""The miniature results table: several methods x seeds on the toy world, one command.
+
+``selfdistill table --preset spd`` trains every row of the preset for every
+seed (each a normal ``train`` run, in ``--out/runs/ROW-sSEED``), reads the
+after-training accuracies, and writes ``results.md`` / ``results.json`` with
+mean +- standard deviation over seeds per domain and split, and wall time.
+The ``base`` row is the untrained model evaluated with each seed's
+evaluation settings. Rows are ordinary flag overrides, so any ablation is a
+new line here or ``--rows NAME=--flag,value,...`` on the command line.
+Finished runs are reused, so an interrupted table continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfdistill.config import TrainConfig
+from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
+
+#: Rows per preset: name -> dotted overrides on top of the common settings.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "spd": {
+        "base": {},
+        "ssd": {"method": "ssd"},
+        "spd": {"method": "spd"},
+        "spd-random": {"method": "spd", "spd.subspace": "random"},
+        "spd-alltokens": {"method": "spd", "spd.selector": "all"},
+        "spd-beta0": {"method": "spd", "spd.beta": 0.0},
+        "spd-beta0.8": {"method": "spd", "spd.beta": 0.8},
+        "spd-rank2": {"method": "spd", "spd.rank": 2},
+        "spd-rank32": {"method": "spd", "spd.rank": 32},
+    },
+    "privileged": {
+        "base": {},
+        "sft": {"method": "sft"},
+        "opsd": {"method": "opsd"},
+        "sdft": {"method": "sdft", "distill.kind": "reverse_kl", "teacher.kind": "ema"},
+        "sdpo": {"method": "sdpo", "onpolicy.samples_per_prompt": 4, "distill.topk": 20,
+                 "distill.is_clip": 2.0, "teacher.kind": "ema"},
+    },
+}
+
+
+@dataclass
+class TableConfig:
+    """``selfdistill table``: which rows, seeds and common settings."""
+
+    preset: str = field(default="spd", metadata={"help": f"Rows to run: {', '.join(PRESETS)}."})
+    rows: list[str] = field(default_factory=list, metadata={
+        "help": "Only these rows of the preset (default: all)."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds."})
+    out: str = field(default="runs/table", metadata={"help": "Folder for the runs and the table."})
+    common: list[str] = field(default_factory=list, metadata={
+        "help": "Extra dotted overrides for every row, as key=value (e.g. steps=20)."})
+
+
+def _row_config(name: str, overrides: dict[str, Any], seed: int, out: Path, common: dict[str, Any]) -> TrainConfig:
+    data = to_dict(TrainConfig())
+    for k, v in {**common, **overrides}.items():
+        set_dotted(data, k, v)
+    data.update({"seed": seed, "output_dir": str(out / "runs" / f"{name}-s{seed}"), "eval_before": False})
+    data["eval"]["seed"] = 1234 + seed
+    if name == "base":
+        data["steps"] = 1
+    return from_dict(TrainConfig, data)
+
+
+def _run_base(cfg: TrainConfig) -> dict[str, Any]:
+    """Evaluate the untrained model with the row's evaluation settings."""
+    from selfdistill.evaluate import evaluate, results_to_json
+    from selfdistill.models import load_model
+    from selfdistill.tasks.registry import build_tasks
+
+    t0 = time.time()
+    model, tok = load_model(cfg.model)
+    res = evaluate(model, tok, build_tasks(cfg.data), cfg.eval, cfg.model.system_prompt or None)
+    return {"method": "base", "wall_s": time.time() - t0, "before": None, "after": results_to_json(res)}
+
+
+def run_table(tc: TableConfig, log=print) -> Path:
+    """Run (or reuse) every row x seed, then write the table."""
+    from selfdistill.trainer import train
+
+    if tc.preset not in PRESETS:
+        raise ConfigError(f"preset: unknown {tc.preset!r}; known: {', '.join(PRESETS)}")
+    rows = PRESETS[tc.preset]
+    names = tc.rows or list(rows)
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise ConfigError(f"rows: {unknown[0]!r} is not in preset {tc.preset} ({', '.join(rows)})")
+    common: dict[str, Any] = {}
+    for kv in tc.common:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"common: expected key=value, got {kv!r}")
+        common[k] = v
+    out = Path(tc.out)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        for seed in tc.seeds:
+            cfg = _row_config(name, rows[name], seed, out, common)
+            run_dir = Path(cfg.output_dir)
+            done = run_dir / "results.json"
+            if not done.exists():
+                log(f"== {name} seed {seed}")
+                if name == "base":
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    done.write_text(json.dumps(_run_base(cfg), indent=2))
+                else:
+                    train(cfg, log=lambda s: None)
+            results.setdefault(name, []).append(json.loads(done.read_text()))
+    table = summarise(results)
+    (out / "results.json").write_text(json.dumps({"preset": tc.preset, "seeds": tc.seeds, "common": common,
+                                                  "rows": {n: rows[n] for n in names}, "table": table},
+                                                 indent=2) + "\n")
+    md = format_markdown(table, tc)
+    (out / "results.md").write_text(md)
+    log(md)
+    return out / "results.md"
+
+
+def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per row: mean, std over seeds of each (task, split, mode); mean wall time."""
+    table: dict[str, Any] = {}
+    for name, runs in results.items():
+        cells: dict[str, dict[str, list[float]]] = {}
+        for r in runs:
+            for s in r["after"]:
+                for mode in ("greedy", "sampled"):
+                    if s[mode] is not None:
+                        cells.setdefault(f"{s['task']}/{s['split']}", {}).setdefault(mode, []).append(100 * s[mode])
+        row = {}
+        for key, modes in cells.items():
+            row[key] = {m: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0,
+                            "n": len(v)} for m, v in modes.items()}
+        table[name] = {"cells": row, "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
+    return table
+
+
+def format_markdown(table: dict[str, Any], tc: TableConfig) -> str:
+    """One Markdown table per mode (greedy, sampled): rows x (domain, split)."""
+    keys = sorted({k for row in table.values() for k in row["cells"]})
+    out = []
+    for mode in ("greedy", "sampled"):
+        head = ["row"] + [k.replace("toy-", "").replace("/test_", " ") for k in keys] + ["mean", "wall s"]
+        lines = [f"**{mode} accuracy %** (mean ± std over seeds {', '.join(map(str, tc.seeds))})", "",
+                 "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        for name, row in table.items():
+            vals = [row["cells"].get(k, {}).get(mode) for k in keys]
+            means = [v["mean"] for v in vals if v]
+            cells = [f"{v['mean']:.1f} ± {v['std']:.1f}" if v else "-" for v in vals]
+            avg = f"{statistics.fmean(means):.1f}" if means else "-"
+            lines.append("| " + " | ".join([name] + cells + [avg, f"{row['wall_s']:.0f}"]) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"

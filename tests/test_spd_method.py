@@ -1,0 +1,65 @@
+"""SPD's method layer: correctness-token selection, random-subspace ablation, CLI subspace."""
+
+from __future__ import annotations
+
+import torch
+
+from selfdistill.cli import main
+from selfdistill.methods.spd import randomize
+from selfdistill.spd.selectors import correctness_span, select_tokens, token_char_ends
+from selfdistill.spd.subspace import SubspaceAccumulator, load_subspaces
+from selfdistill.tasks.base import Item
+from selfdistill.toy.tokenizer import build_toy_tokenizer
+
+TOK = build_toy_tokenizer()
+ITEM = Item("i", "Compute 1+2", "1+2=3\n#### 3", "3", "math", {"kind": "math"})
+
+
+def test_answer_selector_marks_exactly_the_answer_tokens():
+    text = "1+2=4\n#### 42"
+    ids = TOK(text, add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+    sel = select_tokens(TOK, ITEM, ids, text, "answer")
+    picked = "".join(TOK.decode([i]) for i, s in zip(ids, sel) if s)
+    assert picked == "42"
+    assert sum(select_tokens(TOK, ITEM, ids, text, "all")) == len(ids)
+    # No marker: nothing is correctness-defining; the answer is never checked.
+    assert sum(select_tokens(TOK, ITEM, ids[:5], "1+2=4", "answer")) == 0
+
+
+def test_token_char_ends_match_decoding():
+    text = "x = 3\n#### -7"
+    ids = TOK(text, add_special_tokens=False)["input_ids"]
+    assert token_char_ends(TOK, ids)[-1] == len(text)
+
+
+def test_code_generation_span_is_the_code_body():
+    item = Item("c", "write f", "", "", "code", {"kind": "tests"})
+    text = "Here:\n```python\ndef f():\n    return 1\n```\n"
+    s, e = correctness_span(item, text)
+    assert text[s:e] == "def f():\n    return 1\n"
+
+
+def test_random_ablation_keeps_rank_and_orthonormality():
+    acc = SubspaceAccumulator()
+    from selfdistill.spd.subspace import KVGrads
+
+    g = torch.randn(50, 16)
+    acc.add(KVGrads({(0, "k"): g}, {(0, "k"): torch.randn(50, 16)}, {(0, "k"): 2}, 0.0, 50))
+    sset = acc.fit(rank=3, center=True)
+    r = randomize(sset, seed=0)
+    U = r.subspaces[(0, "k")].U_dr
+    assert U.shape == (16, 3)
+    torch.testing.assert_close(U.T @ U, torch.eye(3), atol=1e-5, rtol=0)
+    assert not torch.allclose(U, sset.subspaces[(0, "k")].U_dr)
+    assert torch.equal(randomize(sset, seed=0).subspaces[(0, "k")].U_dr, U)
+
+
+def test_cli_subspace_extracts_saves_and_plots(tiny_model_dir, tmp_path):
+    out = tmp_path / "sub"
+    rc = main(["spd", "subspace", "--model.path", tiny_model_dir, "--out", str(out), "--spd.probe_size", "4",
+               "--spd.probe_samples", "1", "--spd.selector", "all", "--spd.rank", "3",
+               "--rollout.max_new_tokens", "8", "--data.train_size", "10"])
+    assert rc == 0
+    sset = load_subspaces(out / "subspace.safetensors")
+    assert len(sset.subspaces) == 4 and all(s.rank == 3 for s in sset.subspaces.values())
+    assert (out / "spectra.png").stat().st_size > 1000
