@@ -6,6 +6,8 @@ scheduler, RNG streams, method state, metrics so far). It is assembled under
 ``.tmp-step-000012`` and appears under its final name by one atomic
 ``os.rename``; a process killed mid-save leaves only a stale temporary folder,
 which the next save removes, and the previous checkpoint stays loadable.
+Re-saving an existing step sets the old copy aside (``.old-step-...``) until
+the new one is in place, so no moment exists without a complete copy.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically under ``ckpt_root``; keep the newest ``keep``."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_root.glob(f".tmp-{_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".tmp-{_PREFIX}*", f".del-{_PREFIX}*"):
+        for stale in ckpt_root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    _recover(ckpt_root)
     final = ckpt_root / _name(step)
     tmp = ckpt_root / f".tmp-{_name(step)}"
     tmp.mkdir()
@@ -71,19 +75,38 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, state: dict[st
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    old_copy = ckpt_root / f".old-{_name(step)}"
+    if final.exists():  # re-saving a step: set the old copy aside, never delete before the rename
+        shutil.rmtree(old_copy, ignore_errors=True)
+        os.rename(final, old_copy)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
+    shutil.rmtree(old_copy, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        gone = ckpt_root / f".del-{old.name}"  # renamed first: a half-deleted folder is never listed
+        os.rename(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return final
+
+
+def _recover(ckpt_root: Path) -> None:
+    """A kill between setting an old copy aside and renaming its replacement in: put it back."""
+    for old in ckpt_root.glob(f".old-{_PREFIX}*"):
+        final = ckpt_root / old.name[len(".old-"):]
+        try:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            elif (old / STATE_FILE).exists():
+                os.rename(old, final)
+        except OSError:  # another process got there first
+            pass
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are never listed)."""
     if not ckpt_root.exists():
         return []
+    _recover(ckpt_root)
     done = [p for p in ckpt_root.glob(f"{_PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
     return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
 

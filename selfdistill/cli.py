@@ -28,8 +28,15 @@ class EvalRunConfig:
     json_out: str = field(default="", metadata={"help": "Also write the results as JSON here."})
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump); subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfdistill", description=__doc__.splitlines()[0])
+    p = _Parser(prog="selfdistill", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="Train with a method (default: SPD on the toy world).")
@@ -79,8 +86,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from selfdistill.trainer import train
 
     cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
-    train(cfg)
-    return 0
+    res = train(cfg)
+    # Stopped by SIGTERM/SIGINT (checkpoint written): the conventional 128 + signal, not success.
+    return 0 if res.stopped_by_signal is None else 128 + res.stopped_by_signal
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -142,15 +150,49 @@ def cmd_table(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_args(ns: argparse.Namespace, extra: list[str]) -> str:
+    """One line for arguments no parser took, with the closest known flag."""
+    import difflib
+
+    from selfdistill.config_io import _leaf_fields
+
+    flag = next((a for a in extra if a.startswith("--")), None)
+    if flag is None:
+        return f"unexpected argument {extra[0]!r}"
+    cls = {"train": TrainConfig, "eval": EvalRunConfig, "spd": TrainConfig}.get(ns.command)
+    if ns.command == "table":
+        from selfdistill.experiments import TableConfig as cls
+    known = ([f"--{n}" for n, _, _ in _leaf_fields(cls)] + ["--config"]) if cls else []
+    name = flag.split("=", 1)[0]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown flag {name}{hint}; see selfdistill {ns.command} --help"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
+    try:
+        ns, extra = _parser().parse_known_args(argv)
+    except SystemExit as e:  # argparse printed its one line (or the help)
+        return e.code if isinstance(e.code, int) else 2
     handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
                 "table": cmd_table}
+    from selfdistill.trainer import TrainingStopped
+
     try:
+        if extra:
+            raise ConfigError(_unknown_args(ns, extra))
         return handlers[ns.command](ns)
-    except ConfigError as e:
+    except ConfigError as e:  # bad input: one line, nothing written
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # the run stopped itself on purpose (e.g. max_bad_steps)
+        print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # multi-process runs end cleanly
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ class LoraSettings:
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     target_modules: str = field(default="all-linear", metadata={"help": "Comma list of module names, or all-linear."})
 
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class ModelConfig:
@@ -61,6 +67,13 @@ class OptimConfig:
     schedule: Literal["cosine", "constant", "linear"] = field(default="cosine", metadata={"help": "Decay after warm-up."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max global grad norm (0 = off)."})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -100,3 +113,10 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("batch_size and micro_batch_size must be >= 1")
+        # micro_batch_size > batch_size is allowed: no accumulation, one forward per process and step.
+        for name in ("save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = {'only at the end' if name == 'save_every' else 'keep all'}), "
+                                 f"got {getattr(self, name)}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")

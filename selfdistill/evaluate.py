@@ -35,6 +35,11 @@ class EvalConfig:
             raise ValueError(f"eval.samples must be >= 0, got {self.samples}")
         if not self.greedy and self.samples == 0:
             raise ValueError("eval.greedy is false and eval.samples is 0: nothing to measure")
+        for name in ("every", "max_items"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.batch_size and eval.max_new_tokens must be >= 1")
 
 
 @dataclass

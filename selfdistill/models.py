@@ -30,21 +30,22 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def check_causal_lm(path: str, trust_remote_code: bool = False) -> None:
-    """Raise a one-line error unless ``path`` holds a causal-LM config."""
+def check_causal_lm(path: str, trust_remote_code: bool = False, setting: str = "model.path"):
+    """Raise a one-line error (naming ``setting``) unless ``path`` holds a causal-LM config; return it."""
     p = Path(path)
     if (p.exists() and p.is_dir() and not (p / "config.json").exists()) or (p.exists() and p.is_file()):
-        raise ConfigError(f"model.path {path}: no config.json there; expected a Hugging Face model folder")
+        raise ConfigError(f"{setting} {path}: no config.json there; expected a Hugging Face model folder")
     if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ConfigError(f"model.path {path}: no such folder")
+        raise ConfigError(f"{setting} {path}: no such folder")
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # hub errors, bad JSON, unknown model types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.path {path}: cannot read its config ({first})") from None
+        raise ConfigError(f"{setting} {path}: cannot read its config ({first})") from None
     if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ConfigError(f"model.path {path}: model type {cfg.model_type!r} is not a causal LM "
+        raise ConfigError(f"{setting} {path}: model type {cfg.model_type!r} is not a causal LM "
                           "(AutoModelForCausalLM cannot load it)")
+    return cfg
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -78,8 +78,14 @@ class RunLog:
             p = self.out / name
             if not p.exists():
                 continue
-            keep = [l for l in p.read_text().splitlines()
-                    if l.strip() and (json.loads(l)["step"] <= step and json.loads(l).get("kind") != "after")]
+            keep = []
+            for line in p.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill mid-write
+                    continue
+                if row["step"] <= step and row.get("kind") != "after":
+                    keep.append(line)
             p.write_text("".join(l + "\n" for l in keep))
 
     def eval_event(self, step: int, kind: str, results: Sequence[SplitResult]) -> None:

@@ -6,6 +6,9 @@
 - ``live``: the current student weights (under no-grad).
 - ``ema``: an exponential moving average of the student, updated every
   ``ema_every`` steps with rate ``ema_rate``.
+- ``path`` (with ``initial``): a separate, frozen teacher model loaded from a
+  folder or hub id; it must share the student's vocabulary (checked before a
+  run starts, see :mod:`selfdistill.validation`).
 Teacher logits are always computed under ``torch.no_grad``.
 """
 
@@ -28,8 +31,14 @@ class TeacherConfig:
                 "ema: a moving average of the student."})
     ema_rate: float = field(default=0.05, metadata={"help": "EMA: teacher <- (1-rate) teacher + rate student."})
     ema_every: int = field(default=1, metadata={"help": "EMA: update every N optimizer steps."})
+    path: str = field(default="", metadata={
+        "help": "On-policy methods: a separate frozen teacher model (folder or hub id) with the student's "
+                "vocabulary; empty = the student's own weights (kind)."})
 
     def __post_init__(self) -> None:
+        if self.path and self.kind != "initial":
+            raise ValueError(f"teacher.path is set, so the teacher is a separate frozen model: teacher.kind must "
+                             f"be initial, got {self.kind}")
         if not 0.0 < self.ema_rate <= 1.0:
             raise ValueError(f"teacher.ema_rate must be in (0, 1], got {self.ema_rate}")
         if self.ema_every < 1:
@@ -46,7 +55,17 @@ class Teacher:
     def __init__(self, model, cfg: TeacherConfig) -> None:
         self.model, self.cfg = model, cfg
         self.copy = None
-        if cfg.kind == "ema" or (cfg.kind == "initial" and not _is_peft(model)):
+        if cfg.path:
+            from transformers import AutoModelForCausalLM
+
+            from selfdistill.models import resolve_model_path
+
+            p = next(model.parameters())
+            self.copy = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.path), dtype=p.dtype)
+            self.copy = self.copy.to(p.device).eval()
+            for q in self.copy.parameters():
+                q.requires_grad_(False)
+        elif cfg.kind == "ema" or (cfg.kind == "initial" and not _is_peft(model)):
             self.copy = copy.deepcopy(model).eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)

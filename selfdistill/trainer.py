@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ class RunResult:
     steps: int
     wall_s: float
     skipped_steps: int
+    stopped_by_signal: int | None = None  # SIGTERM/SIGINT number if the run stopped early to be resumed
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -74,8 +76,8 @@ def _step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
 
 
-class _StopRequested(Exception):
-    pass
+class TrainingStopped(RuntimeError):
+    """The run stopped itself on purpose (e.g. ``max_bad_steps`` non-finite steps in a row)."""
 
 
 @contextmanager
@@ -83,6 +85,7 @@ def _graceful_stop(flag: dict[str, bool]):
     """SIGTERM/SIGINT set a flag; the loop checkpoints and stops at the step boundary."""
     def handler(signum, _frame):
         flag["stop"] = True
+        flag["signal"] = signum
 
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -115,18 +118,70 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator: Accelerator
         pos += n
 
 
+def _any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """True on every process if ``flag`` is true on any (keeps the processes in step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _sum_processes(x: float, accelerator: Accelerator) -> float:
+    if accelerator.num_processes == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
 def prepare_run(cfg: TrainConfig):
-    """Validate and load everything a run needs; raises before anything is written."""
+    """Validate and load everything a run needs; raises before anything is written.
+
+    Every problem is one :class:`ConfigError` line naming the file, row and
+    field or the setting (data and lookup errors are converted here, so the
+    CLI prints them without a traceback).
+    """
+    try:
+        return _prepare_run(cfg)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+
+
+def _prepare_run(cfg: TrainConfig):
+    from selfdistill.validation import check_models_and_prompts, check_solutions
+
     method_cls = get_method(cfg.method)  # unknown method -> clear error
-    tasks = build_tasks(cfg.data)
-    for t in tasks:
-        t.items("train")  # bad data fails here, naming file/row/field
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not cfg.resume and (out / "run_config.yaml").exists():
         raise ConfigError(f"output_dir {out} already holds a run; pass --resume true to continue it "
                           "or choose another --output_dir")
     if cfg.resume and latest_checkpoint(out / "checkpoints") is None:
         raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun / accelerate launch
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    tasks = build_tasks(cfg.data)
+    for t in tasks:
+        t.items("train")  # bad data fails here, naming file/row/field
+    if cfg.eval_before or cfg.eval_after or cfg.eval.every:
+        if not cfg.eval.splits:
+            raise ConfigError("eval.splits is empty but evaluation is on; name splits or set "
+                              "--eval_before false --eval_after false")
+        for spec, t in zip(cfg.data.tasks, tasks):
+            for split in cfg.eval.splits:
+                try:
+                    t.items(split)
+                except KeyError as e:
+                    raise ConfigError(f"data.tasks {spec!r}: {e.args[0] if e.args else e}; evaluation needs it: "
+                                      "set --eval.splits or --eval_before false --eval_after false") from None
+    if getattr(method_cls, "requires_solution", False):
+        check_solutions(cfg, tasks)
+    check_models_and_prompts(cfg, method_cls, tasks)
     return method_cls, tasks
 
 
@@ -188,7 +243,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
                                keep=cfg.keep_checkpoints)
         say(f"checkpoint {path}")
 
-    stop = {"stop": False}
+    stop: dict[str, Any] = {"stop": False}
+    saved_at = -1
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method}", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     step = start_step
@@ -196,14 +252,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
         for step in range(start_step, cfg.steps):
             torch.manual_seed(_step_seed(cfg, step, rank))
             # 1. rollout + targets / teacher views (the method decides).
-            t0 = time.time()
+            t0 = time.perf_counter()
             batch = method.make_batch(step, stream.for_step(step, rank, world))
-            t_batch = time.time() - t0
+            t_batch = time.perf_counter() - t0
             # 2. loss over micro-batches, normalised by the global token count.
             model.train()
             micro = batch.split(cfg.micro_batch_size)
             num_tokens = global_token_count([method.token_mask(m) for m in micro], accelerator)
-            t1 = time.time()
+            t1 = time.perf_counter()
             total, infos = 0.0, []
             for m in micro:
                 with accelerator.autocast():
@@ -211,6 +267,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
                 (loss * world).backward() if world > 1 else loss.backward()
                 total += float(loss.detach())
                 infos.append(info)
+            t_fwd_bwd = time.perf_counter() - t1
+            total = _sum_processes(total, accelerator)  # the global loss (same on every process)
             # 3. gradients: average over processes, check, clip, step.
             _all_reduce_grads(params, accelerator)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
@@ -225,28 +283,35 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
             opt.zero_grad(set_to_none=True)
             sched.step()
             method.after_step(step)
-            t_update = time.time() - t1
+            t_update = time.perf_counter() - t1
             # 4. log, evaluate, checkpoint.
             metrics: dict[str, Any] = {"step": step + 1, "loss": total, "grad_norm": float(grad_norm),
                                        "lr": sched.get_last_lr()[0], "tokens": float(num_tokens),
                                        "time_batch_s": t_batch, "time_update_s": t_update,
+                                       "time_forward_backward_s": t_fwd_bwd, "time_optimizer_s": t_update - t_fwd_bwd,
                                        "skipped": not finite, **batch.info}
             for k in infos[0] if infos else []:
-                metrics[k] = sum(i[k] for i in infos) / len(infos)
+                # Timings add up over micro-batches; everything else is averaged.
+                metrics[k] = sum(i[k] for i in infos) / (1 if k.startswith("time_") else len(infos))
             runlog.metrics(metrics)
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update(1)
             if bad_in_row >= cfg.max_bad_steps:
-                raise RuntimeError(f"stopping: {bad_in_row} steps in a row had a non-finite loss or gradient "
-                                   f"(last at step {step + 1}); lower optim.lr or check the data")
+                raise TrainingStopped(f"stopping: {bad_in_row} steps in a row had a non-finite loss or gradient "
+                                      f"(last at step {step + 1}, max_bad_steps={cfg.max_bad_steps}); "
+                                      "lower optim.lr or check the data")
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
                 runlog.eval_event(step + 1, "periodic", evaluate(unwrap(model), tok, tasks, cfg.eval, system))
+            stop["stop"] = _any_process(stop["stop"], accelerator)  # a signal to one process stops all
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or stop["stop"]:
                 checkpoint(step + 1)
+                saved_at = step + 1
             if stop["stop"]:
                 bar.close()
                 say(f"stopped by signal after step {step + 1}; continue with --resume true")
-                return RunResult(out, before, None, step + 1, time.time() - t_start, skipped)
+                accelerator.wait_for_everyone()
+                return RunResult(out, before, None, step + 1, time.time() - t_start, skipped,
+                                 stopped_by_signal=int(stop.get("signal", signal.SIGTERM)))
     bar.close()
 
     # 5. final model, evaluation after, table, plot.
@@ -254,7 +319,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
         final = out / "model"
         unwrap_for_save(model).save_pretrained(final, safe_serialization=True)
         tok.save_pretrained(final)
-        checkpoint(cfg.steps)
+        if saved_at != cfg.steps:
+            checkpoint(cfg.steps)
     after = None
     if cfg.eval_after:
         say("evaluating after training ...")
@@ -262,6 +328,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
         runlog.eval_event(cfg.steps, "after", after)
     wall = time.time() - t_start
     runlog.finish(before, after, wall)
+    accelerator.wait_for_everyone()
     return RunResult(out, before, after, cfg.steps, wall, skipped)
 
 

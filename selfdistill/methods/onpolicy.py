@@ -16,6 +16,7 @@ Subclasses only write :meth:`OnPolicyMethod.teacher_prompts`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,9 @@ class OnPolicyMethod(Method):
 
     def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
         ctx = self.ctx
+        t0 = time.perf_counter()
         ro, groups = self.rollout(items)
+        t_rollout = time.perf_counter() - t0
         t_users = [u for g in self.teacher_prompts(groups) for u in g]
         keep = [u is not None for u in t_users]
         t_prompts = [chat_prompt(ctx.tokenizer, u if u is not None else it.prompt, ctx.system)
@@ -94,7 +97,7 @@ class OnPolicyMethod(Method):
                                        temperature=ctx.cfg.distill.temperature).cpu()
                 # Column t holds log p(token t): aligned with the student sequence.
                 tensors["old_logp_BT"] = torch.nn.functional.pad(logp, (1, 0))
-        info = {"teacher_signal_frac": float(weights.mean()),
+        info = {"teacher_signal_frac": float(weights.mean()), "time_rollout_s": t_rollout,
                 "completion_len": sum(len(c) for c in ro.completion_ids) / max(1, len(ro.completion_ids))}
         if self.needs_rewards:
             rs = [r for g in groups for r in (g.rewards or [])]
@@ -111,9 +114,11 @@ class OnPolicyMethod(Method):
         s_mask = s_batch.completion_mask_BT[:, 1:].bool()
         t_mask = t_batch.completion_mask_BT[:, 1:].bool()
         s_rows = forward_hidden(ctx.model, s_batch)[:, :-1][s_mask]
+        t0 = time.perf_counter()
         with self.teacher.scoring() as tm:
             t_rows = forward_hidden(tm, t_batch)[:, :-1][t_mask]
             t_head = lm_head_weight(tm).detach()
+        t_teacher = time.perf_counter() - t0
         weights_N = micro.tensors["weights_B"].to(ctx.device)[:, None].expand_as(s_mask)[s_mask]
         ids_N = s_batch.input_ids_BT[:, 1:][s_mask]
         old = micro.tensors.get("old_logp_BT")
@@ -121,7 +126,7 @@ class OnPolicyMethod(Method):
             s_rows, lm_head_weight(ctx.model), t_rows, t_head, mask_N=weights_N, cfg=dcfg,
             token_ids_N=ids_N, old_logprobs_N=old.to(ctx.device)[:, 1:][s_mask] if old is not None else None,
             num_items_in_batch=num_tokens)
-        return loss, {}
+        return loss, {"time_teacher_s": t_teacher}
 
     def after_step(self, step: int) -> None:
         self.teacher.update(step)

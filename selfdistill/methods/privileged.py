@@ -30,6 +30,7 @@ class OPSD(OnPolicyMethod):
     name = "opsd"
     paper = "arXiv 2601.18734"
     summary = "on-policy self-distillation: teacher = same model + reference solution"
+    requires_solution = True
 
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         t = self.ctx.cfg.opsd.template
@@ -42,6 +43,7 @@ class SDFT(OnPolicyMethod):
     name = "sdft"
     paper = "arXiv 2601.19897"
     summary = "self-distillation fine-tuning: teacher = same model + a demonstration in context"
+    requires_solution = True
 
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         cfg = self.ctx.cfg.sdft

@@ -19,6 +19,7 @@ class SFT(Method):
     name = "sft"
     paper = "-"
     summary = "supervised fine-tuning on the reference solutions (labels; a reference row, not self-distillation)"
+    requires_solution = True
 
     def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
         tok = self.ctx.tokenizer

@@ -31,7 +31,10 @@ class PretrainConfig:
     """Settings of the toy model's pretraining."""
 
     seed: int = field(default=0, metadata={"help": "Seed of weights, data order and toy items."})
-    steps: int = field(default=1200, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=1500, metadata={"help": "Length of the learning-rate schedule, in steps."})
+    stop_step: int = field(default=0, metadata={
+        "help": "Stop (and save) after this many steps, before the schedule ends (0 = run all steps): "
+                "the toy model is stopped early on purpose so it is only partly competent."})
     batch_size: int = field(default=32, metadata={"help": "Sequences per step."})
     lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (cosine decay)."})
     warmup: int = field(default=50, metadata={"help": "Linear warm-up steps."})
@@ -40,7 +43,7 @@ class PretrainConfig:
     heads: int = field(default=6, metadata={"help": "Attention heads."})
     kv_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
     train_size: int = field(default=4000, metadata={"help": "Train items per domain."})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads (fixed for determinism)."})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (fixed, so results do not depend on the machine)."})
     save_every: int = field(default=0, metadata={"help": "Also save step-N snapshots every N steps (0 = off)."})
 
 
@@ -74,7 +77,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, log=print) -> Path:
     order: list[int] = []
     model.train()
     t0 = time.time()
-    for step in range(cfg.steps):
+    last = cfg.stop_step if 0 < cfg.stop_step < cfg.steps else cfg.steps
+    for step in range(last):
         if len(order) < cfg.batch_size:
             perm = list(range(len(items)))
             rng.shuffle(perm)
@@ -92,10 +96,10 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, log=print) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == last - 1:
             log(f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
                 f"{time.time() - t0:.0f}s")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last:
             _save(model, tok, cfg, Path(out_dir) / f"step-{step + 1}")
     return _save(model, tok, cfg, Path(out_dir))
 

@@ -1,12 +1,13 @@
 """The toy world: seeded procedural tasks in the SPD paper's three domains.
 
-Each domain has a ``train`` split, an in-domain ``test_id`` split and a harder
-out-of-domain ``test_ood`` split. Every item carries a worked reference
+Each domain has a ``train`` split, a ``valid`` split (same distribution, for
+choosing settings), an in-domain ``test_id`` split and a harder out-of-domain
+``test_ood`` split. Every item carries a worked reference
 solution that ends with ``#### answer``, so the same verifiers and answer-span
 selectors serve toy and real data.
 
-- math: multi-step integer arithmetic, one worked line per operation;
-  OOD has more steps.
+- math: multi-step integer arithmetic (a 2-digit number, then +/- operands
+  up to 19), one worked line per operation; OOD has more steps.
 - code: predict what a short straight-line Python program prints; the worked
   solution traces each assignment; OOD programs are longer and use ``if``.
 - mcqa: "which option equals ...?" and "which option is largest?" questions
@@ -37,7 +38,7 @@ def _math_item(rng: random.Random, steps: int, idx: str) -> Item:
     lines = []
     for _ in range(steps):
         op = rng.choice("+-")
-        operand = rng.randint(10, 99)
+        operand = rng.randint(2, 19)
         if op == "-" and operand > value:
             op = "+"
         new = value + operand if op == "+" else value - operand
