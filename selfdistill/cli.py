@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     subsp = ssub.add_parser("subspace", help="Extract and save the capability subspace, plot its spectra.")
     subsp.add_argument("--config", help="YAML file with settings (flags override it).")
     subsp.add_argument("--out", default="subspace", help="Output folder (subspace.safetensors + spectra.png).")
+    subsp.add_argument("--eval_betas", default="", help="Also measure the projected policy's accuracy on the "
+                       "valid split for these betas, e.g. 0,0.5,1 (1 = no projection).")
     add_flags(subsp, TrainConfig)
     return p
 
@@ -139,7 +141,8 @@ def cmd_spd(ns: argparse.Namespace) -> int:
     from selfdistill.methods.spd import extract_subspace_cli
 
     cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
-    extract_subspace_cli(cfg, ns.out)
+    betas = [float(b) for b in ns.eval_betas.split(",") if b.strip()]
+    extract_subspace_cli(cfg, ns.out, betas)
     return 0
 
 

@@ -1,15 +1,25 @@
-"""Batched on-policy sampling through ``transformers`` ``generate``.
+"""Batched on-policy sampling: the one place completions are sampled.
 
-The one place completions are sampled. Activation views (SPD's K/V
-projection, steering) are context managers the caller wraps around
-:func:`generate`; the KV cache is filled under them, so it holds the
-edited activations.
+Backends (``rollout.backend``):
+
+- ``hf`` (default): the training model itself, in process. Llama-family
+  decoders (Llama, Qwen2, Qwen3, Mistral) run :mod:`selfdistill.fastgen`'s
+  lean KV-cache loop (same weights, same sampling rule, one prefill per
+  distinct prompt, finished rows dropped); anything else, or a model with
+  hooks that loop would skip, runs ``transformers`` ``generate``.
+- ``vllm``: a vLLM engine (GPU), its weights synced from the training model
+  whenever they changed; see :mod:`selfdistill.vllm_backend` and docs/vllm.md.
+
+Activation views (SPD's K/V projection, steering) are context managers the
+caller wraps around :func:`generate`; the KV cache is filled under them, so it
+holds the edited activations (the vLLM backend cannot apply them and falls back
+to ``hf`` while a view's hooks are installed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -25,6 +35,14 @@ class SamplingConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus truncation (1.0 = off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k truncation (0 = off)."})
     batch_size: int = field(default=64, metadata={"help": "Prompts per generate call."})
+    backend: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "hf: sample with the training model in process; vllm: a vLLM engine on the GPU, weights synced "
+                "after every optimizer step (needs `pip install vllm`; see docs/vllm.md)."})
+    fast_decode: bool = field(default=True, metadata={
+        "help": "hf backend: use selfdistill's lean KV-cache decode loop for Llama/Qwen-family models "
+                "(false: always transformers generate)."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vllm backend: share of GPU memory the engine may take (the rest is left to training)."})
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -35,6 +53,11 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"sampling.backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError("sampling.vllm_gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.vllm_gpu_memory_utilization}")
 
 
 @dataclass
@@ -70,13 +93,33 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
     all_prompt_ids = encode_prompts(tokenizer, prompts)
     completions: list[list[int]] = []
     finished: list[bool] = []
-    was_training = model.training
-    model.eval()
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
+    if cfg.backend == "vllm":
+        from selfdistill import vllm_backend
+
+        if vllm_backend.usable(model):
+            completions, finished = vllm_backend.generate_ids(model, all_prompt_ids, cfg, eos)
+            if progress is not None:
+                progress(len(all_prompt_ids))
+            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+            return Rollouts(all_prompt_ids, completions, texts, finished)
+    from selfdistill import fastgen
+
+    fast = cfg.fast_decode and fastgen.unsupported_reason(model) is None
+    was_training = model.training
+    model.eval()
     try:
         for start in range(0, len(all_prompt_ids), cfg.batch_size):
             chunk = all_prompt_ids[start : start + cfg.batch_size]
+            if fast:
+                c, f = fastgen.sample(model, chunk, cfg.max_new_tokens, eos, temperature=cfg.temperature,
+                                      top_k=cfg.top_k, top_p=cfg.top_p)
+                completions += c
+                finished += f
+                if progress is not None:
+                    progress(len(chunk))
+                continue
             T = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
             attn = torch.zeros((len(chunk), T), dtype=torch.long)

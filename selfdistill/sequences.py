@@ -30,8 +30,9 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of already-formatted prompts (no special tokens added twice)."""
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    """Token ids of already-formatted prompts (no special tokens added twice); repeats are encoded once."""
+    ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in dict.fromkeys(prompts)}
+    return [list(ids[p]) for p in prompts]
 
 
 @dataclass
@@ -88,16 +89,120 @@ def make_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
     return SequenceBatch(ids, attn, comp, pos)
 
 
-def forward_hidden(model, batch: SequenceBatch) -> torch.Tensor:
+def forward_hidden(model, batch: SequenceBatch, share_prefixes: bool = True) -> torch.Tensor:
     """Final hidden states (B, T, H) of a causal LM, without computing logits.
 
     Losses then project chunk by chunk through the LM head, so no
     batch x length x vocabulary tensor is ever held.
+
+    Two exact shortcuts for Llama-family decoders (see :data:`FAST_TYPES`) on
+    batches laid out by :func:`make_batch`:
+
+    - right padding needs no attention mask (a real token only ever looks back
+      at real tokens), so attention takes the plain causal kernel;
+    - when several rows share a prompt (``samples_per_prompt`` > 1, or the
+      same teacher context) and that saves at least 10% of the tokens, each
+      distinct prompt is run once, its K/V cache is copied to the rows that
+      share it, and only the completions run per row
+      (:func:`_forward_shared_prefix`). Gradients flow through the shared
+      prompt's activations to the weights as in the plain forward.
     """
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    out = base(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT,
+    fast = _fast_layout(model, base, batch)
+    if fast and share_prefixes:
+        hidden = _forward_shared_prefix(base, batch)
+        if hidden is not None:
+            return hidden
+    out = base(input_ids=batch.input_ids_BT, attention_mask=None if fast else batch.attention_mask_BT,
                position_ids=batch.position_ids_BT, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+#: Model types whose decoders take the shortcuts of :func:`forward_hidden` (plain causal self-attention).
+FAST_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def _fast_layout(model, base, batch: SequenceBatch) -> bool:
+    """True for a plain causal decoder on a right-padded batch (so the mask can be dropped)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in FAST_TYPES or getattr(base, "gradient_checkpointing", False):
+        return False
+    attn = batch.attention_mask_BT
+    if attn.numel() == 0:
+        return False
+    return bool((attn[:, 0] == 1).all() and (attn[:, 1:] <= attn[:, :-1]).all())
+
+
+def _forward_shared_prefix(base, batch: SequenceBatch) -> torch.Tensor | None:
+    """The decoder's hidden states with each distinct prompt computed once; None if it would not pay.
+
+    Rows must be prompt, completion, right padding with positions 0..len-1
+    (what :func:`make_batch` builds). Stage 1 runs the U distinct prompts
+    (left-padded, with a K/V cache); stage 2 runs every row's completion
+    against its prompt's cache (gathered per row, differentiably); the hidden
+    states are put back in the (B, T, H) layout (zeros on padding).
+    """
+    ids, attn, comp, pos = (batch.input_ids_BT, batch.attention_mask_BT.bool(), batch.completion_mask_BT.bool(),
+                            batch.position_ids_BT)
+    B, T = ids.shape
+    device = ids.device
+    ar = torch.arange(T, device=device)
+    plen = (attn & ~comp).sum(-1)
+    length = attn.sum(-1)
+    if not bool(((ar[None] >= plen[:, None]) & attn).eq(comp).all()) or not bool(
+            pos.eq(ar[None]).logical_or(~attn).all()) or int(plen.min()) < 1:
+        return None
+    plen_l, len_l = plen.tolist(), length.tolist()
+    ids_l = ids.tolist()
+    keys: dict[tuple[int, ...], int] = {}
+    group = [keys.setdefault(tuple(ids_l[b][: plen_l[b]]), len(keys)) for b in range(B)]
+    prompts = list(keys)
+    U = len(prompts)
+    Pm = max(len(p) for p in prompts)
+    Cm = max(l - p for l, p in zip(len_l, plen_l))
+    saved = sum(plen_l) - sum(len(p) for p in prompts)
+    if U == B or saved < 0.1 * sum(len_l) or Cm < 1:
+        return None
+    from transformers import DynamicCache
+
+    p_ids = torch.zeros((U, Pm), dtype=torch.long)
+    p_valid = torch.zeros((U, Pm), dtype=torch.bool)
+    for u, p in enumerate(prompts):
+        p_ids[u, Pm - len(p):] = torch.tensor(p, dtype=torch.long)
+        p_valid[u, Pm - len(p):] = True
+    p_ids, p_valid = p_ids.to(device), p_valid.to(device)
+    p_pos = (p_valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=base.config)
+    h1 = base(input_ids=p_ids, attention_mask=p_valid.long(), position_ids=p_pos, use_cache=True,
+              **{_cache_kw(base): cache}).last_hidden_state  # (U, Pm, H)
+    rows = torch.tensor(group, device=device)
+    cache.batch_select_indices(rows)
+    c_idx = (plen[:, None] + torch.arange(Cm, device=device)[None]).clamp(max=T - 1)
+    c_valid = torch.arange(Cm, device=device)[None] < (length - plen)[:, None]
+    c_ids = ids.gather(1, c_idx).masked_fill(~c_valid, 0)
+    c_pos = plen[:, None] + torch.arange(Cm, device=device)[None]
+    full_mask = torch.cat([p_valid[rows], c_valid], dim=1).long()
+    h2 = base(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos, use_cache=True,
+              **{_cache_kw(base): cache}).last_hidden_state  # (B, Cm, H)
+    # Back to (B, T, H): prompt position t of row b is stage-1 row group[b], column Pm - plen_b + t;
+    # completion position plen_b + j is stage-2 row b, column j; padding reads a zero row.
+    H = h1.shape[-1]
+    flat = torch.cat([h1.reshape(U * Pm, H), h2.reshape(B * Cm, H), h1.new_zeros((1, H))])
+    src = torch.full((B, T), U * Pm + B * Cm, dtype=torch.long, device=device)
+    in_prompt = ar[None] < plen[:, None]
+    src = torch.where(in_prompt, rows[:, None] * Pm + (Pm - plen)[:, None] + ar[None], src)
+    in_comp = comp
+    src = torch.where(in_comp, U * Pm + torch.arange(B, device=device)[:, None] * Cm + (ar[None] - plen[:, None]),
+                      src)
+    return flat[src.reshape(-1)].view(B, T, H)
+
+
+def _cache_kw(base) -> str:
+    """The decoder's name for the K/V cache argument (``cache`` from transformers 5.x, else ``past_key_values``)."""
+    import inspect
+
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def shift_targets(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ or the setting:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 from selfdistill.config import TrainConfig
@@ -80,6 +81,17 @@ def _longest_over(tok, items: Sequence[Item], system: str | None, limit: int) ->
     return None
 
 
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_weights(path: str, setting: str) -> None:
+    """A local model folder holds weights (a hub id is left to the download)."""
+    p = Path(path)
+    if p.is_dir() and not any(next(p.glob(g), None) for g in _WEIGHTS):
+        raise ConfigError(f"{setting} {path}: no weights there (model.safetensors, pytorch_model.bin or a "
+                          "sharded index); expected a Hugging Face model folder")
+
+
 def _where(spec: str, task: Task, split: str, item: Item) -> str:
     files = getattr(task, "files", None) or {}
     if split in files:
@@ -94,6 +106,7 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
     path = resolve_model_path(cfg.model.path)
     trust = cfg.model.trust_remote_code
     model_cfg = check_causal_lm(path, trust)
+    _check_weights(path, "model.path")
     tok = None
 
     if cfg.teacher.path:
@@ -106,6 +119,7 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
                               f"(teacher.path is for the on-policy methods: {users})")
         tpath = resolve_model_path(cfg.teacher.path)
         teacher_cfg = check_causal_lm(tpath, trust, setting="teacher.path")
+        _check_weights(tpath, "teacher.path")
         sv, tv = _vocab_size(model_cfg), _vocab_size(teacher_cfg)
         if sv != tv:
             raise ConfigError(f"teacher.path {cfg.teacher.path} has a vocabulary of {tv} tokens but the student "

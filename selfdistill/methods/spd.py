@@ -142,7 +142,30 @@ class SPD(SelfGenMethod):
         self.subspaces = state.get("subspaces")
 
 
-def extract_subspace_cli(cfg, out: str) -> Path:
+def projected_policy_accuracy(model, tokenizer, tasks, cfg, sset: SubspaceSet, betas: list[float],
+                              split: str = "valid") -> list[dict[str, Any]]:
+    """Accuracy of the projected policy itself, per beta, on ``split`` (never a test split by default).
+
+    SPD can only beat SSD if the policy that writes its training data is
+    better than the plain one; this measures exactly that.
+    """
+    from dataclasses import replace
+
+    from selfdistill.evaluate import evaluate
+
+    ecfg = replace(cfg.eval, splits=[split], temperature=cfg.rollout.temperature or 1.0)
+    rows = []
+    s = cfg.spd
+    kinds = ("k", "v") if s.kinds == "kv" else (s.kinds,)
+    for beta in betas:
+        with project_kv(model, sset, beta=beta, layers=_layer_spec(s.layers, sset), kinds=kinds):
+            res = evaluate(model, tokenizer, tasks, ecfg, cfg.model.system_prompt or None)
+        for r in res:
+            rows.append({"beta": beta, "task": r.task, "split": r.split, "greedy": r.greedy, "sampled": r.sampled})
+    return rows
+
+
+def extract_subspace_cli(cfg, out: str, eval_betas: list[float] | None = None) -> Path:
     """``selfdistill spd subspace``: extract, save (safetensors) and plot per-layer spectra."""
     from selfdistill.models import load_model
     from selfdistill.tasks.registry import ItemStream, build_tasks
@@ -159,6 +182,17 @@ def extract_subspace_cli(cfg, out: str) -> Path:
     for (layer, kind), e in sorted(layer_energy(sset).items()):
         s = sset.subspaces[(layer, kind)]
         print(f"layer {layer} {kind}: rank {s.rank}/{s.dim}, gradient energy {e:.3e}")
+    if eval_betas:
+        import json
+
+        rows = projected_policy_accuracy(model, tok, tasks, cfg, sset, eval_betas)
+        (out_dir / "projected_policy.json").write_text(json.dumps(rows, indent=2))
+        print("projected-policy accuracy on the valid split (%):")
+        print(f"{'beta':>5}  {'task':<10} {'greedy':>7} {'sampled':>8}")
+        for r in rows:
+            g = "-" if r["greedy"] is None else f"{100 * r['greedy']:.1f}"
+            sm = "-" if r["sampled"] is None else f"{100 * r['sampled']:.1f}"
+            print(f"{r['beta']:>5}  {r['task']:<10} {g:>7} {sm:>8}")
     return out_dir
 
 
