@@ -31,9 +31,9 @@ class SamplingConfig:
     """How completions are sampled."""
 
     max_new_tokens: int = field(default=96, metadata={"help": "Longest completion, in tokens."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 means greedy."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus truncation (1.0 = off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k truncation (0 = off)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 means greedy."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus truncation (1.0 = off)."})
+    top_k: int = field(default=20, metadata={"help": "Top-k truncation (0 = off)."})
     batch_size: int = field(default=64, metadata={"help": "Prompts per generate call."})
     backend: Literal["hf", "vllm"] = field(default="hf", metadata={
         "help": "hf: sample with the training model in process; vllm: a vLLM engine on the GPU, weights synced "
