@@ -74,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     subsp.add_argument("--eval_betas", default="", help="Also measure the projected policy's accuracy on the "
                        "valid split for these betas, e.g. 0,0.5,1 (1 = no projection).")
     add_flags(subsp, TrainConfig)
+
+    from selfdistill.ccopd.cli import add_commands as add_ccopd
+    from selfdistill.opcod.cli import add_commands as add_opcod
+
+    add_ccopd(sub)
+    add_opcod(sub)
+    from selfdistill.critique.cli import add_commands as add_critique
+    from selfdistill.sgsd.cli import add_commands as add_sgsd
+
+    add_sgsd(sub)
+    add_critique(sub)
     return p
 
 
@@ -100,6 +111,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     cfg = build(EvalRunConfig, ns.config, _dotted(ns, EvalRunConfig))
     tasks = build_tasks(cfg.data)
+    try:  # bad data or a missing split: one line naming it
+        for spec, task in zip(cfg.data.tasks, tasks):
+            for split in cfg.eval.splits:
+                task.items(split)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ConfigError(f"data.tasks {spec!r}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
     model, tok = load_model(cfg.model)
     res = evaluate(model, tok, tasks, cfg.eval, cfg.model.system_prompt or None)
     print(format_table(res))
@@ -162,9 +179,11 @@ def _unknown_args(ns: argparse.Namespace, extra: list[str]) -> str:
     flag = next((a for a in extra if a.startswith("--")), None)
     if flag is None:
         return f"unexpected argument {extra[0]!r}"
-    cls = {"train": TrainConfig, "eval": EvalRunConfig, "spd": TrainConfig}.get(ns.command)
+    cls = {"train": TrainConfig, "eval": EvalRunConfig, "spd": TrainConfig, "sgsd": TrainConfig}.get(ns.command)
     if ns.command == "table":
         from selfdistill.experiments import TableConfig as cls
+    if ns.command == "critique":
+        from selfdistill.critique.analyze import AnalyzeConfig as cls
     known = ([f"--{n}" for n, _, _ in _leaf_fields(cls)] + ["--config"]) if cls else []
     name = flag.split("=", 1)[0]
     close = difflib.get_close_matches(name, known, n=1)
@@ -179,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
                 "table": cmd_table}
+    from selfdistill.ccopd.cli import run as cmd_ccopd
+    from selfdistill.opcod.cli import run as cmd_opcod
+
+    handlers.update(ccopd=cmd_ccopd, opcod=cmd_opcod)
+    from selfdistill.critique.cli import run as cmd_critique
+    from selfdistill.sgsd.cli import run as cmd_sgsd
+
+    handlers.update(sgsd=cmd_sgsd, critique=cmd_critique)
     from selfdistill.trainer import TrainingStopped
 
     try:

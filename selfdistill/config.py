@@ -12,6 +12,8 @@ from typing import Literal
 from selfdistill.evaluate import EvalConfig
 from selfdistill.method_configs import (OnPolicyConfig, OPSDConfig, SDFTConfig, SDPOConfig, SPDConfig,
                                         SSDConfig)
+from selfdistill.method_configs import CCOPDConfig, OPCoDConfig
+from selfdistill.method_configs import CritiqueConfig, GRPOConfig, SGSDConfig
 from selfdistill.objectives import DivergenceConfig
 from selfdistill.teachers import TeacherConfig
 from selfdistill.rollout import SamplingConfig
@@ -107,6 +109,11 @@ class TrainConfig:
     opsd: OPSDConfig = field(default_factory=OPSDConfig)
     sdft: SDFTConfig = field(default_factory=SDFTConfig)
     sdpo: SDPOConfig = field(default_factory=SDPOConfig)
+    ccopd: CCOPDConfig = field(default_factory=CCOPDConfig)
+    opcod: OPCoDConfig = field(default_factory=OPCoDConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sgsd: SGSDConfig = field(default_factory=SGSDConfig)
+    critique: CritiqueConfig = field(default_factory=CritiqueConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -120,3 +127,6 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.method == "grpo" and self.onpolicy.samples_per_prompt < 2:
+            raise ValueError("method grpo compares samples within a group: set onpolicy.samples_per_prompt >= 2 "
+                             f"(e.g. 4), got {self.onpolicy.samples_per_prompt}")

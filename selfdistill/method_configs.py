@@ -96,3 +96,202 @@ class SDPOConfig:
     template: str = field(default=SDPO_TEMPLATE, metadata={"help": "Teacher prompt; {problem}, {attempt}."})
     reprompt_on_self_success: bool = field(default=False, metadata={
         "help": "Give a teacher signal to samples that are themselves correct (off: they get none)."})
+
+
+@dataclass
+class CCOPDConfig:
+    """CCOPD, canonical-context on-policy distillation (arXiv 2605.30251): see docs/methods/ccopd_opcod.md."""
+
+    sharder: Literal["auto", "toy", "file", "sentences"] = field(default="auto", metadata={
+        "help": "Where a problem's shards come from. auto: the item's meta['shards'], else ccopd.shards_file, else "
+                "the toy rules for toy items, else an error; toy / file: only those; sentences: split the prompt "
+                "at lines and sentence ends (first piece = the goal)."})
+    shards_file: str = field(default="", metadata={
+        "help": "JSONL of {\"id\" or \"prompt\", \"shards\": [str, ...]} rows (`selfdistill ccopd shard` writes one "
+                "by prompting a local model)."})
+    code_lines_per_shard: int = field(default=2, metadata={
+        "help": "Toy code: program statements revealed per turn (an if and its body count as one)."})
+    mcqa_options_per_shard: int = field(default=2, metadata={"help": "Toy mcqa: options revealed per turn."})
+    max_shards: int = field(default=4, metadata={"help": "sentences sharder: at most this many shards."})
+    turn_max_new_tokens: int = field(default=32, metadata={
+        "help": "Longest intermediate assistant reply (the final turn uses rollout.max_new_tokens)."})
+    turns: Literal["final", "all"] = field(default="final", metadata={
+        "help": "Assistant turns the divergence is taken on: the final one, or every one."})
+    intermediate_teacher: Literal["revealed", "full"] = field(default="revealed", metadata={
+        "help": "turns=all: the teacher of an intermediate turn sees the shards revealed so far as one clean "
+                "user turn (revealed) or the full prompt (full)."})
+    concat_join: Literal["newline", "space"] = field(default="newline", metadata={
+        "help": "How shards are joined into one user turn (CONCAT setting and the 'revealed' teacher)."})
+
+    def __post_init__(self) -> None:
+        for name in ("code_lines_per_shard", "mcqa_options_per_shard", "turn_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ccopd.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_shards < 2:
+            raise ValueError(f"ccopd.max_shards must be >= 2, got {self.max_shards}")
+        if self.sharder == "file" and not self.shards_file:
+            raise ValueError("ccopd.sharder is 'file' but ccopd.shards_file is empty")
+
+
+OPCOD_TEMPLATE = "{problem}\n\n{context}Use this to answer correctly in your own words."
+OPCOD_FEEDBACK_TEMPLATE = "{quantities}A peer's worked solution:\n{solution}"
+
+
+@dataclass
+class OPCoDConfig:
+    """OPCoD, on-policy co-distillation (arXiv 2606.14368): see docs/methods/ccopd_opcod.md."""
+
+    peer: str = field(default="", metadata={
+        "help": "The second model (folder or hub id, same tokenizer as model.path); both models train."})
+    update_peer: bool = field(default=True, metadata={
+        "help": "Train the peer too (co-distillation); false = one-way distillation into model.path."})
+    gate: Literal["verified", "confidence", "both", "always", "never"] = field(default="verified", metadata={
+        "help": "Cognizance gate, per problem: give the peer's feedback when the peer's verified success rate "
+                "reaches opcod.min_peer_success (verified), when its answer confidence reaches "
+                "opcod.confidence_threshold (confidence), both, always, or never (self-distillation only)."})
+    min_peer_success: float = field(default=0.5, metadata={
+        "help": "verified gate: share of the peer's rollouts on the problem that must verify."})
+    confidence_threshold: float = field(default=-0.5, metadata={
+        "help": "confidence gate: mean token log-prob of the peer's final-answer tokens (its own model) needed."})
+    gate_relative: bool = field(default=False, metadata={
+        "help": "Also require the peer's success rate on the problem to exceed the student's."})
+    anchor: bool = field(default=True, metadata={
+        "help": "Feedback anchoring: restate the problem's quantities, keep the peer's solution up to its answer "
+                "line, and drop feedback that has no answer line or mentions none of the problem's numbers."})
+    own_attempt: Literal["other", "none"] = field(default="other", metadata={
+        "help": "other: the teacher also sees another verified rollout of the student's own group (never the "
+                "sample's own); none: peer feedback only."})
+    template: str = field(default=OPCOD_TEMPLATE, metadata={"help": "Teacher prompt; {problem}, {context}."})
+    feedback_template: str = field(default=OPCOD_FEEDBACK_TEMPLATE, metadata={
+        "help": "Peer feedback; {quantities} (empty without anchoring), {solution}."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_peer_success <= 1.0:
+            raise ValueError(f"opcod.min_peer_success must be in [0, 1], got {self.min_peer_success}")
+        if self.confidence_threshold > 0:
+            raise ValueError(f"opcod.confidence_threshold is a mean log-prob (<= 0), got {self.confidence_threshold}")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO baseline (arXiv 2402.03300): group-normalised verifier rewards, clipped-ratio policy gradient.
+
+    Groups are ``onpolicy.samples_per_prompt`` rollouts of one prompt (at least 2).
+    """
+
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip: ratio kept in [1 - clip_eps, 1 + clip_eps_high]."})
+    clip_eps_high: float | None = field(default=None, metadata={
+        "help": "Upper clip (DAPO's clip-higher); None = clip_eps."})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "Weight of the per-token k3 KL to the initial model (0 = off, no reference model kept)."})
+    scale_rewards: bool = field(default=True, metadata={
+        "help": "Divide centred rewards by the group's std (false: Dr. GRPO, centring only)."})
+    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (r - mean) / (std + eps)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Temperature of the log-probs in the ratio (1 = the model's own distribution)."})
+
+    def __post_init__(self) -> None:
+        if self.clip_eps < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
+            raise ValueError(f"grpo.clip_eps and grpo.clip_eps_high must be >= 0, got {self.clip_eps}, "
+                             f"{self.clip_eps_high}")
+        if self.kl_coef < 0:
+            raise ValueError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        if not self.temperature > 0:
+            raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
+
+
+SGSD_TEMPLATE = "Keep this in mind while solving.\n{guidance}\n\n{problem}"
+SGSD_EXTRACT_TEMPLATE = (
+    "Problem:\n{problem}\n\nAn attempt:\n{attempt}\n\nThe attempt is {outcome}. List at most {n} {what}, "
+    "each a short general sentence that would help on similar problems, one per line starting with '- '.")
+
+
+@dataclass
+class SGSDConfig:
+    """SGSD (arXiv 2605.28791): skill-bank teachers, gated bounded token loss. See docs/methods/sgsd_critique.md."""
+
+    bank_path: str = field(default="", metadata={
+        "help": "Load a saved skill bank (JSON from `selfdistill sgsd skills`) instead of building one."})
+    bank_prompts: int = field(default=64, metadata={"help": "Train prompts sampled to build the bank."})
+    bank_samples: int = field(default=4, metadata={"help": "Trajectories per bank prompt."})
+    max_per_trajectory: int = field(default=3, metadata={"help": "Skills or mistakes extracted per trajectory."})
+    extractor: Literal["auto", "rule", "model"] = field(default="auto", metadata={
+        "help": "rule: the deterministic toy-world extractor; model: prompt a local model; auto: rule for "
+                "toy items, model for the rest."})
+    extractor_model: str = field(default="", metadata={
+        "help": "Model that writes skills and mistakes (folder or hub id); empty = the student."})
+    extract_template: str = field(default=SGSD_EXTRACT_TEMPLATE, metadata={
+        "help": "Extraction prompt; {problem}, {attempt}, {outcome}, {n}, {what}."})
+    extract_max_new_tokens: int = field(default=128, metadata={"help": "Longest extraction answer."})
+    similarity_threshold: float = field(default=0.8, metadata={
+        "help": "Entries at least this similar (retrieval cosine) to one in the bank are merged into it."})
+    capacity: int = field(default=30, metadata={
+        "help": "Most skills and most mistakes kept (each); the least frequent are dropped."})
+    update_every: int = field(default=25, metadata={
+        "help": "Online update: extract from the step's rollouts every N steps (0 = off)."})
+    update_max_new: int = field(default=5, metadata={"help": "Online update: most new entries added per update."})
+    num_teachers: int = field(default=8, metadata={
+        "help": "K: top-K skills and top-K mistakes retrieved per problem, i-th paired with i-th."})
+    retriever: Literal["auto", "tfidf", "embedding"] = field(default="auto", metadata={
+        "help": "embedding: sentence-transformers model; tfidf: deterministic lexical cosine; auto: embedding "
+                "when sentence-transformers and the model are installed locally, else tfidf."})
+    embedding_model: str = field(default="sentence-transformers/all-MiniLM-L6-v2", metadata={
+        "help": "Sentence-embedding model of the embedding retriever."})
+    weight_temperature: float = field(default=1.0, metadata={
+        "help": "Teacher weights = softmax(mean retrieval score / this)."})
+    template: str = field(default=SGSD_TEMPLATE, metadata={"help": "Teacher prompt; {guidance}, {problem}."})
+    tau: float = field(default=1.0, metadata={"help": "tau of l = log 2 - softplus(-delta^2 / (2 tau))."})
+    delta_clip: float = field(default=3.0, metadata={"help": "Support = mean clip(delta, -c, c)."})
+    support_threshold: float = field(default=0.05, metadata={"help": "|support| at or below this: sign 0."})
+    exclude_chars: str = field(default="#", metadata={
+        "help": "Completion tokens made only of these characters (the answer marker) are left out of the loss, "
+                "as are special tokens."})
+
+    def __post_init__(self) -> None:
+        for name in ("bank_prompts", "bank_samples", "max_per_trajectory", "capacity", "num_teachers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sgsd.{name} must be >= 1, got {getattr(self, name)}")
+        if self.update_every < 0 or self.update_max_new < 0:
+            raise ValueError("sgsd.update_every and sgsd.update_max_new must be >= 0")
+        if not 0.0 < self.similarity_threshold <= 1.0:
+            raise ValueError(f"sgsd.similarity_threshold must be in (0, 1], got {self.similarity_threshold}")
+        for name in ("tau", "weight_temperature", "delta_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sgsd.{name} must be > 0, got {getattr(self, name)}")
+
+
+CRITIQUE_REWARD_TEMPLATE = ("{problem}\n\nYour previous attempt:\n{attempt}\n\nYour previous attempt was {verdict}. "
+                            "Now solve the problem.")
+CRITIQUE_REFERENCE_TEMPLATE = "{problem}\n\nA reference solution:\n{solution}\n\nNow solve the problem in your own words."
+CRITIQUE_STEP_TEMPLATE = ("{problem}\n\nYour previous attempt, checked step by step (correct steps copied, wrong "
+                          "steps corrected):\n{critique}\n\nNow solve the problem.")
+CRITIQUE_CRITIC_TEMPLATE = (
+    "Problem:\n{problem}\n\nCorrect final answer: {answer}\n\nA student's attempt:\n{attempt}\n\n"
+    "Check the attempt step by step. Copy every correct step verbatim; replace every wrong step by the "
+    "corrected step followed by '(corrected)'. End with the correct final answer.")
+
+
+@dataclass
+class CritiqueConfig:
+    """Step-aligned critique (arXiv 2606.11173): the teacher sees feedback from a frozen critic."""
+
+    feedback: Literal["reward", "reference", "step"] = field(default="step", metadata={
+        "help": "reward: 'your previous attempt was correct/incorrect'; reference: the reference solution; "
+                "step: the attempt checked step by step (correct steps verbatim, wrong ones corrected)."})
+    critic: Literal["auto", "exact", "model"] = field(default="auto", metadata={
+        "help": "exact: recompute the toy world's steps (math, code, mcqa); model: prompt a frozen model; "
+                "auto: exact for toy items, model for the rest."})
+    critic_model: str = field(default="", metadata={
+        "help": "The model critic (folder or hub id); empty = the student's initial weights, frozen."})
+    critic_template: str = field(default=CRITIQUE_CRITIC_TEMPLATE, metadata={
+        "help": "Model critic prompt; {problem}, {answer}, {attempt}."})
+    critic_max_new_tokens: int = field(default=128, metadata={"help": "Longest model critique."})
+    chain: bool = field(default=True, metadata={
+        "help": "Exact critic: a step that starts from a wrong earlier value is wrong too (false: only each "
+                "step's own arithmetic is checked)."})
+    reward_template: str = field(default=CRITIQUE_REWARD_TEMPLATE, metadata={
+        "help": "Teacher prompt for feedback=reward; {problem}, {attempt}, {verdict}."})
+    reference_template: str = field(default=CRITIQUE_REFERENCE_TEMPLATE, metadata={
+        "help": "Teacher prompt for feedback=reference; {problem}, {solution}."})
+    step_template: str = field(default=CRITIQUE_STEP_TEMPLATE, metadata={
+        "help": "Teacher prompt for feedback=step; {problem}, {attempt}, {critique}."})

@@ -29,6 +29,21 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
     return (f"{system}\n\n" if system else "") + f"{user}\n"
 
 
+def chat_messages(tokenizer, messages: Sequence[dict], system: str | None = None) -> str:
+    """A multi-turn conversation (``{"role", "content"}`` dicts, ending with a user turn) rendered
+    ready to generate the next assistant turn; one user message gives exactly :func:`chat_prompt`."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("chat_messages: the conversation must end with a user message")
+    if len(messages) == 1:
+        return chat_prompt(tokenizer, messages[0]["content"], system)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": m["role"], "content": m["content"]} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    # No template: the same plain fallback as chat_prompt, one line per turn.
+    return (f"{system}\n\n" if system else "") + "".join(f"{m['content']}\n" for m in messages)
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of already-formatted prompts (no special tokens added twice); repeats are encoded once."""
     ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in dict.fromkeys(prompts)}

@@ -82,8 +82,13 @@ class TrainingStopped(RuntimeError):
 
 @contextmanager
 def _graceful_stop(flag: dict[str, bool]):
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and stops at the step boundary."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and stops at the step boundary.
+
+    A second signal stops at once (KeyboardInterrupt); checkpoints stay safe (see checkpoint.py).
+    """
     def handler(signum, _frame):
+        if flag.get("stop"):
+            raise KeyboardInterrupt(f"second signal {signum}: stopping without a checkpoint")
         flag["stop"] = True
         flag["signal"] = signum
 
@@ -182,6 +187,7 @@ def _prepare_run(cfg: TrainConfig):
     if getattr(method_cls, "requires_solution", False):
         check_solutions(cfg, tasks)
     check_models_and_prompts(cfg, method_cls, tasks)
+    method_cls.check(cfg, tasks)  # the method's own settings and data (default: nothing)
     return method_cls, tasks
 
 

@@ -64,14 +64,19 @@ def _vocab_size(model_cfg: Any) -> int | None:
 def _longest_over(tok, items: Sequence[Item], system: str | None, limit: int) -> tuple[Item, int] | None:
     """The first item whose chat-formatted prompt has more than ``limit`` tokens.
 
-    One batched tokenisation of the raw prompts plus the template's own length
-    bounds each prompt; only those near the limit go through the template.
+    A token covers at least one byte, so prompts whose UTF-8 length plus the
+    template's own length is well under the limit are skipped untokenised;
+    the rest are tokenised in one batch, and those near the limit go through
+    the template exactly.
     """
     from selfdistill.sequences import chat_prompt, encode_prompts
 
     if not items:
         return None
     overhead = len(encode_prompts(tok, [chat_prompt(tok, "", system)])[0])
+    items = [it for it in items if overhead + len(it.prompt.encode("utf-8")) + 1 > limit - _MARGIN]
+    if not items:
+        return None
     raw = tok([it.prompt for it in items], add_special_tokens=False)["input_ids"]
     for it, ids in zip(items, raw):
         if overhead + len(ids) > limit - _MARGIN:

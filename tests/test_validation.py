@@ -239,3 +239,11 @@ def test_separate_teacher_with_the_same_vocabulary_trains(tiny_model_dir, tmp_pa
     assert row["loss"] == row["loss"] and row["loss"] != 0 and not row["skipped"]
     after = load_file(str(Path(teacher) / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher folder is only read
+
+
+def test_eval_command_names_a_missing_split(tiny_model_dir, tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", [_row(0)])
+    rc = main(["eval", "--model.path", tiny_model_dir, "--data.tasks", f"jsonl:{data}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"data.tasks 'jsonl:{data}': task 'd' has no split 'test_id' (splits: train)" in err

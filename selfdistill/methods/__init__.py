@@ -1,6 +1,8 @@
 """Every method registers itself here on import (see :mod:`selfdistill.methods.base`)."""
 
 from selfdistill.methods import privileged, sft, ssd  # noqa: F401
+from selfdistill.methods import ccopd, opcod  # noqa: F401
+from selfdistill.methods import critique, grpo, sgsd  # noqa: F401
 from selfdistill.methods.base import REGISTRY, Method, TrainBatch, get_method, register
 
 try:  # SPD lands with its core; keep the registry importable meanwhile.

@@ -97,6 +97,10 @@ class Method:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def check(cls, cfg: TrainConfig, tasks: list[Task]) -> None:
+        """Validate the method's own settings and data before a run writes anything (raise ConfigError)."""
+
     def setup(self) -> None:
         """Once, before the first step (after a resume too)."""
 

@@ -72,10 +72,13 @@ class OnPolicyMethod(Method):
         return ro, groups
 
     def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
-        ctx = self.ctx
         t0 = time.perf_counter()
         ro, groups = self.rollout(items)
-        t_rollout = time.perf_counter() - t0
+        return self.batch_from_rollouts(ro, groups, time.perf_counter() - t0)
+
+    def batch_from_rollouts(self, ro: Rollouts, groups: list[Group], t_rollout: float = 0.0) -> TrainBatch:
+        """Teacher views, student and teacher sequences, weights for rollouts already sampled."""
+        ctx = self.ctx
         t_users = [u for g in self.teacher_prompts(groups) for u in g]
         keep = [u is not None for u in t_users]
         t_prompts = [chat_prompt(ctx.tokenizer, u if u is not None else it.prompt, ctx.system)

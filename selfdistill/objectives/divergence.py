@@ -134,7 +134,8 @@ def needs_token_ids(cfg: DivergenceConfig) -> bool:
 def log_softmax_(logits_NV: Tensor, temperature: float) -> Tensor:
     """log softmax(logits / temperature) in fp32, in place when the logits are already fp32."""
     z = logits_NV.float()
-    z.mul_(1.0 / temperature)
+    if temperature != 1.0:
+        z.mul_(1.0 / temperature)
     return z.sub_(z.logsumexp(-1, keepdim=True))
 
 
@@ -164,6 +165,18 @@ def _jsd_value_and_dlogp(ls: Tensor, lt: Tensor, beta: float, want: bool) -> tup
     return div, (d_s.mul_(ps).mul_(1.0 - beta) if want else None)
 
 
+def _jsd_dlogp(ls: Tensor, lt: Tensor, beta: float) -> Tensor:
+    """Only the derivative of :func:`_jsd_value_and_dlogp` (the backward pass needs no value)."""
+    if beta == 0.0:
+        return lt.exp().neg_()
+    if beta == 1.0:
+        return (ls - lt).add_(1.0).mul_(ls.exp())
+    logm = ls + math.log1p(-beta)
+    torch.logaddexp(logm, lt + math.log(beta), out=logm)
+    d_s = torch.sub(ls, logm, out=logm)
+    return d_s.mul_(ls.exp()).mul_(1.0 - beta)
+
+
 @torch.no_grad()
 def divergence_value_and_grad(
     student_logp_NV: Tensor,
@@ -171,12 +184,15 @@ def divergence_value_and_grad(
     cfg: DivergenceConfig,
     token_ids_N: Tensor | None = None,
     grad_out_NK: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    need_value: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
     """Outputs of :func:`row_outputs` for a divergence kind, and d(sum(out * grad_out))/d student logits.
 
     Takes fp32 log-probs at ``cfg.temperature`` (see :func:`log_softmax_`) and
     may overwrite ``student_logp_NV``. Returns ``(out_NK, grad_NV)``;
-    ``grad_NV`` is None when ``grad_out_NK`` is None.
+    ``grad_NV`` is None when ``grad_out_NK`` is None. With ``need_value=False``
+    (a backward pass) ``out_NK`` may be None and the full-vocabulary path skips
+    computing it.
     """
     if cfg.kind == "sampled":
         raise ValueError("divergence_value_and_grad needs a full-distribution kind, not 'sampled'")
@@ -185,7 +201,10 @@ def divergence_value_and_grad(
     beta, vocab = cfg.effective_beta, ls.shape[-1]
     k = cfg.topk if cfg.topk is not None and cfg.topk < vocab else None
     g_ls: Tensor | None = None  # d loss / d student log-probs over the full vocabulary
-    if k is None:
+    div: Tensor | None = None
+    if k is None and want and not need_value:
+        g_ls = _jsd_dlogp(ls, lt, beta)
+    elif k is None:
         div, g_ls = _jsd_value_and_dlogp(ls, lt, beta, want)
     else:
         idx = (ls if cfg.topk_support == "student" else lt).topk(k, dim=-1).indices
@@ -206,11 +225,12 @@ def divergence_value_and_grad(
                 # d tail / d ls_j = p_j / P_tail for j outside the top-k, 0 inside
                 g_ls = (ls - tail_s).exp_().mul_(g_c[:, k:])
                 g_ls.scatter_(-1, idx, g_c[:, :k])
-    out_NK = div.unsqueeze(-1)
+    out_NK = div.unsqueeze(-1) if div is not None else None
     if needs_token_ids(cfg):
         assert token_ids_N is not None
         ids_N1 = token_ids_N.long().unsqueeze(-1)
-        out_NK = torch.cat([out_NK, ls.gather(-1, ids_N1)], dim=-1)
+        if out_NK is not None:
+            out_NK = torch.cat([out_NK, ls.gather(-1, ids_N1)], dim=-1)
     if not want:
         return out_NK, None
     assert g_ls is not None and grad_out_NK is not None
@@ -223,7 +243,8 @@ def divergence_value_and_grad(
 def _through_log_softmax_(g_ls: Tensor, ls: Tensor, temperature: float) -> Tensor:
     """Chain rule through ls = log_softmax(z / t): (g - p * sum(g)) / t. Overwrites both inputs."""
     total_N1 = g_ls.sum(-1, keepdim=True)
-    return g_ls.sub_(ls.exp_().mul_(total_N1)).mul_(1.0 / temperature)
+    g_ls.sub_(ls.exp_().mul_(total_N1))
+    return g_ls if temperature == 1.0 else g_ls.mul_(1.0 / temperature)
 
 
 @torch.no_grad()

@@ -55,6 +55,21 @@ def _head_logp(hidden_cH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temp
     return log_softmax_(_head_logits(hidden_cH, weight_VH, bias_V), temperature)
 
 
+def _head_logp_lse(hidden_cH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, temperature: float,
+                   lse_c1: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunk log-probs and their per-row log-normaliser; a normaliser from an earlier pass is reused.
+
+    The backward pass recomputes the logits of each chunk; passing the forward's
+    normaliser saves the logsumexp (several passes over chunk x V).
+    """
+    z = _head_logits(hidden_cH, weight_VH, bias_V)
+    if temperature != 1.0:
+        z.mul_(1.0 / temperature)
+    if lse_c1 is None:
+        lse_c1 = z.logsumexp(-1, keepdim=True)
+    return z.sub_(lse_c1), lse_c1
+
+
 class _ChunkedHead(torch.autograd.Function):
     """out_NK = cat over chunks of op(hidden[c] @ W.T + b); backward recomputes chunk by chunk."""
 
@@ -63,12 +78,16 @@ class _ChunkedHead(torch.autograd.Function):
         ctx, hidden_NH, weight_VH, bias_V, op: RowOp, chunk_size: int, width: int, temperature: float
     ):
         n = hidden_NH.shape[0]
-        outs = []
+        outs, lses = [], []
         with torch.autocast(hidden_NH.device.type, enabled=False):
             for s in range(0, n, chunk_size):
                 e = min(s + chunk_size, n)
-                outs.append(op(_head_logp(hidden_NH[s:e], weight_VH, bias_V, temperature), s, e, None)[0])
+                logp_cV, lse_c1 = _head_logp_lse(hidden_NH[s:e], weight_VH, bias_V, temperature)
+                lses.append(lse_c1)
+                outs.append(op(logp_cV, s, e, None)[0])
+                del logp_cV
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V)
+        ctx.lse_N1 = torch.cat(lses) if lses else None
         ctx.op, ctx.chunk_size, ctx.temperature = op, chunk_size, temperature
         return torch.cat(outs) if outs else hidden_NH.new_zeros((0, width), dtype=torch.float32)
 
@@ -85,7 +104,9 @@ class _ChunkedHead(torch.autograd.Function):
             for s in range(0, n, c):
                 e = min(s + c, n)
                 h_cH = hidden_NH[s:e]
-                _, g_cV = ctx.op(_head_logp(h_cH, weight_VH, bias_V, ctx.temperature), s, e, grad_out_NK[s:e])
+                logp_cV, _ = _head_logp_lse(h_cH, weight_VH, bias_V, ctx.temperature, ctx.lse_N1[s:e])
+                _, g_cV = ctx.op(logp_cV, s, e, grad_out_NK[s:e])
+                del logp_cV
                 if grad_h is not None:
                     grad_h[s:e] = g_cV.to(weight_VH.dtype) @ weight_VH
                 if grad_w is not None:
@@ -195,9 +216,12 @@ def divergence_from_hidden(
     ht_MH = ht_NH[rows.rows_M].to(wt_VH.dtype)
     ids_M = rows.token_ids_M
 
+    teacher_lse: dict[int, Tensor] = {}  # per chunk start: the forward's normaliser, reused in backward
+
     def teacher_logp(s: int, e: int) -> Tensor:
         with torch.no_grad():
-            return _head_logp(ht_MH[s:e], wt_VH, bt_V, cfg.temperature)
+            logp, teacher_lse[s] = _head_logp_lse(ht_MH[s:e], wt_VH, bt_V, cfg.temperature, teacher_lse.get(s))
+            return logp
 
     if cfg.kind == "sampled":
         assert ids_M is not None
@@ -215,7 +239,8 @@ def divergence_from_hidden(
 
         def divergence(logp_cV: Tensor, s: int, e: int, grad_cK: Tensor | None) -> tuple[Tensor, Tensor | None]:
             ids_c = ids_M[s:e] if ids_M is not None else None
-            return divergence_value_and_grad(logp_cV, teacher_logp(s, e), cfg, ids_c, grad_cK)
+            return divergence_value_and_grad(logp_cV, teacher_logp(s, e), cfg, ids_c, grad_cK,
+                                             need_value=grad_cK is None)
 
         width = 2 if needs_token_ids(cfg) else 1
         out_MK = _ChunkedHead.apply(hs_MH, ws_VH, bs_V, divergence, chunk, width, cfg.temperature)

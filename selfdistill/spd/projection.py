@@ -54,22 +54,67 @@ def project(h_Xd: torch.Tensor, U_dr: torch.Tensor, beta: float, mu_d: torch.Ten
     return out_Xd.to(h_Xd.dtype)
 
 
+#: Up to this width the edit is one dense affine map (``d x d``); wider sites use the rank-r form.
+DENSE_MAX_DIM = 256
+
+
+def affine_form(U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`project` as ``h' = h A + c`` (dense, ``A = beta I + (1 - beta) U U^T``, symmetric) or
+    ``h' = beta h + (h U) W + c`` (``W = (1 - beta) U^T``): returns ``(A or U, None or W, c)``, float64.
+
+    ``c = mu - mu A`` (0 without centring), so ``h A + c = mu + A (h - mu)``.
+    """
+    U = U_dr.detach().double()
+    d = U.shape[0]
+    mu = mu_d.detach().double().to(U.device) if mu_d is not None else torch.zeros(d, dtype=torch.float64,
+                                                                                 device=U.device)
+    mu_A = beta * mu + (1.0 - beta) * ((mu @ U) @ U.T)
+    c = mu - mu_A
+    if d <= DENSE_MAX_DIM:
+        A = (1.0 - beta) * (U @ U.T)
+        A.diagonal().add_(beta)
+        return A, None, c
+    return U, (1.0 - beta) * U.T, c
+
+
 def projector(sub: Subspace, beta: float) -> KVEdit:
-    """The edit :func:`project` with one site's subspace, caching ``U``/``mu`` per device and dtype."""
+    """The edit :func:`project` with one site's subspace, as a precomputed affine map.
+
+    Same map as :func:`project` (``mu + P(h - mu) + beta (I - P)(h - mu)``),
+    computed in float32 or wider and cast back, but folded once per device and
+    dtype into ``h A + c`` (one fused multiply-add for sites up to
+    :data:`DENSE_MAX_DIM` wide) or ``beta h + (h U) W + c`` (two thin matmuls),
+    so the hook adds one or two kernels per call, not about ten.
+    """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+    cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+    d = sub.dim
 
     def fn(h_Xd: torch.Tensor) -> torch.Tensor:
-        if h_Xd.shape[-1] != sub.dim:
-            raise ValueError(f"subspace of width {sub.dim} applied to an activation of width {h_Xd.shape[-1]}")
-        dtype = torch.promote_types(h_Xd.dtype, torch.float32)
+        if h_Xd.shape[-1] != d:
+            raise ValueError(f"subspace of width {d} applied to an activation of width {h_Xd.shape[-1]}")
+        if beta == 1.0:
+            return h_Xd
+        dtype = h_Xd.dtype if h_Xd.dtype in (torch.float32, torch.float64) else torch.promote_types(
+            h_Xd.dtype, torch.float32)
         key = (h_Xd.device, dtype)
-        if key not in cache:
-            mu = None if sub.mu_d is None else sub.mu_d.to(h_Xd.device, dtype)
-            cache[key] = (sub.U_dr.to(h_Xd.device, dtype), mu)
-        U_dr, mu_d = cache[key]
-        return project(h_Xd, U_dr, beta, mu_d)
+        form = cache.get(key)
+        if form is None:
+            form = cache[key] = tuple(  # type: ignore[assignment]
+                t.to(h_Xd.device, dtype) if t is not None else None for t in affine_form(sub.U_dr, beta, sub.mu_d))
+        M, W, c = form
+        h2 = h_Xd.reshape(-1, d)
+        if h2.dtype != dtype:
+            h2 = h2.to(dtype)
+        if W is None:
+            out = torch.addmm(c, h2, M)
+        else:
+            out = torch.addmm(c, h2 @ M, W)
+            if beta != 0.0:
+                out.add_(h2, alpha=beta)
+        return out.view(h_Xd.shape).to(h_Xd.dtype)
 
     return fn
 

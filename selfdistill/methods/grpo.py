@@ -1,0 +1,90 @@
+"""GRPO: the reward-only baseline of the feedback family (SGSD and critique papers compare with it).
+
+Each step: ``onpolicy.samples_per_prompt`` student rollouts per prompt, a 0/1
+reward per rollout from the task verifier, group-normalised advantages, and
+the clipped-ratio policy-gradient loss of the objective library
+(:func:`~selfdistill.objectives.policy_gradient_loss`) against the rollout
+policy's log-probs (taken under no-grad when the batch is made), optionally
+with a k3 KL to the initial model; token-level normalisation by the global
+completion-token count.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from selfdistill.methods.base import Method, TrainBatch, register
+from selfdistill.methods.onpolicy import OnPolicyMethod, unwrap_keep_peft
+from selfdistill.models import unwrap
+from selfdistill.objectives import clip_fraction, group_advantages, policy_gradient_loss
+from selfdistill.scoring import target_logprobs
+from selfdistill.sequences import make_batch
+from selfdistill.tasks.base import Item
+from selfdistill.teachers import Teacher, TeacherConfig
+
+
+@register
+class GRPO(OnPolicyMethod):
+    name = "grpo"
+    paper = "arXiv 2402.03300"
+    summary = "GRPO: verifier rewards, group-normalised advantages, clipped-ratio policy gradient"
+    needs_rewards = True
+
+    def __init__(self, ctx) -> None:
+        Method.__init__(self, ctx)  # no teacher view: only a reference model, and only for the KL term
+        g = ctx.cfg.grpo
+        self.teacher = Teacher(unwrap_keep_peft(ctx.model), TeacherConfig(kind="initial")) if g.kl_coef > 0 else None
+
+    def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
+        ctx, g = self.ctx, self.ctx.cfg.grpo
+        t0 = time.perf_counter()
+        ro, groups = self.rollout(items)
+        t_rollout = time.perf_counter() - t0
+        rewards_GK = torch.tensor([g_.rewards for g_ in groups], dtype=torch.float32)
+        adv_B = group_advantages(rewards_GK, eps=g.adv_eps, scale=g.scale_rewards).reshape(-1)
+        student = make_batch(ro.prompt_ids, ro.completion_ids, ctx.tokenizer.pad_token_id)
+        tensors = {"adv_B": adv_B}
+        with torch.no_grad():
+            dev = student.to(ctx.device)
+            # Column t holds log p(token t): aligned with the student sequence (split trims it with the padding).
+            old = target_logprobs(unwrap(ctx.model), dev, temperature=g.temperature).cpu()
+            tensors["old_logp_BT"] = torch.nn.functional.pad(old, (1, 0))
+            if self.teacher is not None:
+                with self.teacher.scoring() as ref:
+                    tensors["ref_logp_BT"] = torch.nn.functional.pad(
+                        target_logprobs(ref, dev, temperature=g.temperature).cpu(), (1, 0))
+        solved = (rewards_GK.max(-1).values > rewards_GK.min(-1).values).float()
+        info = {"reward_mean": float(rewards_GK.mean()), "time_rollout_s": t_rollout,
+                "groups_with_signal": float(solved.mean()),
+                "completion_len": sum(len(c) for c in ro.completion_ids) / max(1, len(ro.completion_ids))}
+        return TrainBatch(student, None, tensors, info)
+
+    def token_mask(self, batch: TrainBatch) -> torch.Tensor:
+        return batch.student.completion_mask_BT[:, 1:]
+
+    def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, g = self.ctx, self.ctx.cfg.grpo
+        s = micro.student.to(ctx.device)
+        mask_BT = s.completion_mask_BT[:, 1:]
+        logp_BT = target_logprobs(ctx.model, s, temperature=g.temperature)
+        old_BT = micro.tensors["old_logp_BT"].to(ctx.device)[:, 1:]
+        adv_B1 = micro.tensors["adv_B"].to(ctx.device)[:, None]
+        ref = micro.tensors.get("ref_logp_BT")
+        loss = policy_gradient_loss(logp_BT, old_BT, adv_B1, mask_BT, clip_eps=g.clip_eps,
+                                    clip_eps_high=g.clip_eps_high,
+                                    ref_logprobs=ref.to(ctx.device)[:, 1:] if ref is not None else None,
+                                    kl_coef=g.kl_coef, num_items_in_batch=num_tokens)
+        return loss, {"clip_frac": clip_fraction(logp_BT.detach(), old_BT, adv_B1, mask_BT, clip_eps=g.clip_eps,
+                                                 clip_eps_high=g.clip_eps_high)}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

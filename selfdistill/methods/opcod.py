@@ -1,0 +1,249 @@
+"""OPCoD, on-policy co-distillation (arXiv 2606.14368): two models tutor each other in one run.
+
+The run's model (``model.path``, A) and a peer (``opcod.peer``, B) both
+sample on-policy rollouts of the same prompts each step. Each model's
+teacher is itself (``teacher.*``: by default its frozen initial weights)
+shown the problem + another verified rollout of its own group + the other
+model's feedback, when the cognizance gate says the other model knows the
+problem; feedback is anchored to the problem (see
+:mod:`selfdistill.opcod.views`). Loss: the shared objective library
+(``distill.*``) on each model's own rollout tokens.
+
+How the two updates share the trainer's one loop (design):
+
+- :meth:`OPCoD.make_batch` samples both models, builds both teacher views and
+  both batches (the shared recipe, :meth:`OnPolicyMethod.batch_from_rollouts`);
+  it returns A's batch and keeps B's, split into the same micro-batches;
+- :meth:`OPCoD.loss` returns loss_A + loss_B for each micro-batch (each
+  normalised by its own model's global token count), so the trainer's single
+  backward fills both models' gradients;
+- the trainer clips and steps A's optimizer; :meth:`OPCoD.after_step` clips
+  and steps B's (its own AdamW with the same settings and schedule), which the
+  method owns, with its weights, optimizer and scheduler in the checkpoint's
+  method state. B is saved to ``OUTPUT/peer_model`` at the end and evaluated
+  before/after (``OUTPUT/peer_results.json``).
+
+``opcod.update_peer=false`` keeps B frozen: one-way distillation into A.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from selfdistill.config_io import ConfigError
+from selfdistill.methods.base import TrainBatch, register
+from selfdistill.methods.onpolicy import Group, OnPolicyMethod
+from selfdistill.models import unwrap
+from selfdistill.objectives import global_token_count
+from selfdistill.opcod.views import Attempts, mean_answer_logprob, teacher_views
+from selfdistill.rollout import Rollouts
+from selfdistill.scoring import target_logprobs
+from selfdistill.sequences import make_batch
+from selfdistill.tasks.base import Item
+
+
+class _Student(OnPolicyMethod):
+    """One model of the pair as an on-policy student: rollouts with rewards, teacher, loss (shared recipe)."""
+
+    needs_rewards = True
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.views: list[list[str | None]] = []
+
+    def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
+        return self.views
+
+    @torch.no_grad()
+    def attempts(self, ro: Rollouts, groups: list[Group]) -> list[Attempts]:
+        """Per problem: texts, rewards and (if the gate reads them) answer confidences under this model."""
+        from selfdistill.spd.selectors import select_tokens
+
+        ctx, ocfg = self.ctx, self.ctx.cfg.opcod
+        conf = [0.0] * len(ro.texts)
+        if ocfg.gate in ("confidence", "both"):
+            items = [g.item for g in groups for _ in g.texts]
+            mb = ctx.cfg.micro_batch_size
+            for s in range(0, len(ro.texts), mb):
+                batch = make_batch(ro.prompt_ids[s:s + mb], ro.completion_ids[s:s + mb], ctx.tokenizer.pad_token_id)
+                logp = target_logprobs(unwrap(ctx.model), batch.to(ctx.device)).cpu()
+                for b in range(len(batch.input_ids_BT)):
+                    r = s + b
+                    start, n = len(ro.prompt_ids[r]) - 1, len(ro.completion_ids[r])
+                    mask = select_tokens(ctx.tokenizer, items[r], ro.completion_ids[r], ro.texts[r], "answer")
+                    conf[r] = mean_answer_logprob(logp[b, start:start + n].tolist(), mask)
+        out, pos = [], 0
+        for g in groups:
+            n = len(g.texts)
+            out.append(Attempts(list(g.texts), list(g.rewards or [0.0] * n), conf[pos:pos + n]))
+            pos += n
+        return out
+
+
+@register
+class OPCoD(_Student):
+    name = "opcod"
+    paper = "arXiv 2606.14368"
+    summary = ("on-policy co-distillation: two models tutor each other; teacher = same model + own correct rollout "
+               "+ gated, anchored peer feedback")
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        from selfdistill.models import load_model
+        from selfdistill.trainer import _lr_lambda
+
+        cfg = ctx.cfg
+        self.check(cfg, ctx.tasks)
+        peer_model, _ = load_model(replace(cfg.model, path=cfg.opcod.peer), device=ctx.device)
+        self.peer = _Student(replace(ctx, model=peer_model))
+        self.peer_params = [p for p in peer_model.parameters() if p.requires_grad]
+        self.opt = self.sched = None
+        if cfg.opcod.update_peer:
+            o = cfg.optim
+            self.opt = torch.optim.AdamW(self.peer_params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        else:
+            for p in self.peer_params:
+                p.requires_grad_(False)
+        self.peer_before: list[dict] | None = None
+        self._peer_micro: list[TrainBatch] = []
+        self._peer_tokens: torch.Tensor | None = None
+        self._calls = 0
+        self._losses = [0.0, 0.0]
+        self._info: dict[str, float] = {}
+
+    @classmethod
+    def check(cls, cfg, tasks) -> None:
+        """The peer is set, a causal LM with weights, and shares the student's tokenizer."""
+        from selfdistill.models import check_causal_lm, load_tokenizer, resolve_model_path
+        from selfdistill.validation import _check_weights
+
+        if not cfg.opcod.peer:
+            raise ConfigError("method opcod needs the second model: --opcod.peer PATH (see `selfdistill opcod "
+                              "make-peers`)")
+        trust = cfg.model.trust_remote_code
+        path = resolve_model_path(cfg.opcod.peer)
+        check_causal_lm(path, trust, setting="opcod.peer")
+        _check_weights(path, "opcod.peer")
+        if load_tokenizer(path, trust).get_vocab() != load_tokenizer(resolve_model_path(cfg.model.path),
+                                                                     trust).get_vocab():
+            raise ConfigError(f"opcod.peer {cfg.opcod.peer}: its tokenizer differs from the student's "
+                              f"(model.path {cfg.model.path}); the two models must share one")
+
+    # -- evaluation of the peer (the trainer evaluates model A)
+    def _eval_peer(self):
+        from selfdistill.evaluate import evaluate
+
+        ctx = self.ctx
+        return evaluate(unwrap(self.peer.ctx.model), ctx.tokenizer, ctx.tasks, ctx.cfg.eval, ctx.system)
+
+    def setup(self) -> None:
+        from selfdistill.evaluate import results_to_json
+
+        if self.ctx.cfg.eval_before and self.peer_before is None and not self.ctx.cfg.resume:
+            self.peer_before = results_to_json(self._eval_peer())
+
+    # -- one step
+    def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
+        ctx = self.ctx
+        ocfg = ctx.cfg.opcod
+        t0 = time.perf_counter()
+        ro_a, groups_a = self.rollout(items)
+        ro_b, groups_b = self.peer.rollout(items)
+        att_a, att_b = self.attempts(ro_a, groups_a), self.peer.attempts(ro_b, groups_b)
+        t_rollout = time.perf_counter() - t0
+        self.views, stats_a = teacher_views(ocfg, items, att_a, att_b)
+        batch = self.batch_from_rollouts(ro_a, groups_a, t_rollout)
+        batch.info.update(stats_a)
+        self._peer_micro, self._peer_tokens, self._calls, self._losses = [], None, 0, [0.0, 0.0]
+        self.peer.views, stats_b = teacher_views(ocfg, items, att_b, att_a)
+        if ocfg.update_peer:
+            peer_batch = self.peer.batch_from_rollouts(ro_b, groups_b)
+            self._peer_micro = peer_batch.split(ctx.cfg.micro_batch_size)
+            self._peer_tokens = global_token_count([self.peer.token_mask(m) for m in self._peer_micro],
+                                                   ctx.accelerator)
+        batch.info.update({f"peer_{k}": v for k, v in stats_b.items()})
+        self._info = batch.info  # the trainer logs this dict after after_step: per-model losses are added there
+        return batch
+
+    def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, info = super().loss(micro, num_tokens)
+        self._losses[0] += float(loss.detach())
+        if self._peer_micro:
+            # The trainer calls loss() once per micro-batch, in order; B's batch has the same rows and split.
+            pm = self._peer_micro[self._calls]
+            self._calls += 1
+            self.peer.ctx.model.train()
+            loss_b, _ = self.peer.loss(pm, self._peer_tokens)
+            self._losses[1] += float(loss_b.detach())
+            loss = loss + loss_b
+        return loss, info
+
+    def after_step(self, step: int) -> None:
+        from selfdistill.trainer import _all_reduce_grads
+
+        super().after_step(step)
+        ctx, cfg = self.ctx, self.ctx.cfg
+        self._info.update(loss_student=self._losses[0], loss_peer=self._losses[1])
+        if self.opt is not None:
+            _all_reduce_grads(self.peer_params, ctx.accelerator)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(self.peer_params, clip)
+            finite = bool(torch.isfinite(norm)) and math.isfinite(self._losses[1])
+            if finite:
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            self.peer.teacher.update(step)
+            self._info.update(peer_grad_norm=float(norm), peer_skipped=not finite)
+        if step + 1 == cfg.steps:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Save the peer (``OUTPUT/peer_model``) and its before/after evaluation (``peer_results.json``)."""
+        from selfdistill.evaluate import SplitResult, format_table, results_to_json
+        from selfdistill.trainer import unwrap_for_save
+
+        ctx = self.ctx
+        after = results_to_json(self._eval_peer()) if ctx.cfg.eval_after else None
+        if not ctx.accelerator.is_main_process:
+            return
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        unwrap_for_save(self.peer.ctx.model).save_pretrained(ctx.out_dir / "peer_model", safe_serialization=True)
+        ctx.tokenizer.save_pretrained(ctx.out_dir / "peer_model")
+        (ctx.out_dir / "peer_results.json").write_text(json.dumps(
+            {"peer": ctx.cfg.opcod.peer, "updated": ctx.cfg.opcod.update_peer, "before": self.peer_before,
+             "after": after}, indent=2) + "\n")
+        if self.peer_before and after:
+            ctx.log("peer before/after:\n" + format_table([SplitResult(**r) for r in self.peer_before],
+                                                           [SplitResult(**r) for r in after]))
+
+    # -- checkpoints: the peer's weights, optimizer, scheduler, teacher and first evaluation
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["peer"] = {
+            "model": {k: v.detach().cpu().clone() for k, v in self.peer.ctx.model.state_dict().items()},
+            "teacher": self.peer.teacher.state_dict(),
+            "optimizer": self.opt.state_dict() if self.opt is not None else None,
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "before": self.peer_before,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        peer = state.get("peer")
+        if not peer:
+            return
+        self.peer.ctx.model.load_state_dict(peer["model"])
+        self.peer.teacher.load_state_dict(peer.get("teacher", {}))
+        if self.opt is not None and peer.get("optimizer") is not None:
+            self.opt.load_state_dict(peer["optimizer"])
+            self.sched.load_state_dict(peer["scheduler"])
+        self.peer_before = peer.get("before")

@@ -1,0 +1,162 @@
+"""OPCoD: the cognizance gate, feedback anchoring, teacher views, and co-training of two models end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from selfdistill.config_io import ConfigError, from_dict
+from selfdistill.method_configs import OPCoDConfig
+from selfdistill.opcod.views import Attempts, gate_open, peer_feedback, teacher_views, up_to_answer
+from selfdistill.tasks.base import Item
+
+ITEM = Item("q", "Compute 47+8-5", "", "50", "math", {"kind": "math"})
+GOOD = "47+8=55\n55-5=50\n#### 50\nextra chatter"
+
+
+@pytest.fixture(scope="module")
+def peer_dir(tmp_path_factory):
+    from conftest import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("peer"), seed=1)
+
+
+def tiny(model_dir, peer, out, **over):
+    from selfdistill.config import TrainConfig
+
+    base = {"method": "opcod", "output_dir": str(out), "steps": 2, "batch_size": 2, "micro_batch_size": 2,
+            "model": {"path": model_dir}, "opcod": {"peer": peer},
+            "data": {"tasks": ["toy-math", "toy-code"], "train_size": 8, "test_size": 2},
+            "onpolicy": {"samples_per_prompt": 2}, "rollout": {"max_new_tokens": 8, "batch_size": 8},
+            "eval": {"max_items": 1, "samples": 0, "max_new_tokens": 4, "splits": ["test_id"]},
+            "optim": {"lr": 1e-3, "warmup_steps": 1}}
+    for k, v in over.items():
+        cur = base
+        *parents, last = k.split(".")
+        for p in parents:
+            cur = cur.setdefault(p, {})
+        cur[last] = v
+    return from_dict(TrainConfig, base)
+
+
+def test_gate_opens_and_closes_as_specified():
+    knows = Attempts([GOOD, "nope"], [1.0, 0.0], [-0.1, -3.0])
+    lost = Attempts(["a", "b"], [0.0, 0.0], [-0.2, -0.3])
+    unsure = Attempts([GOOD, GOOD], [1.0, 1.0], [-2.0, -1.0])
+    cfg = OPCoDConfig  # verified: success > 0 and >= min_peer_success (0.5 by default)
+    assert gate_open(cfg(gate="verified"), knows) and not gate_open(cfg(gate="verified"), lost)
+    assert not gate_open(cfg(gate="verified", min_peer_success=0.75), knows)
+    assert not gate_open(cfg(gate="verified", min_peer_success=0.0), lost)  # no verified success: closed
+    # confidence: the best rollout (verified first, then most confident) vs the threshold; label-free.
+    assert gate_open(cfg(gate="confidence"), knows) and gate_open(cfg(gate="confidence"), lost)
+    assert not gate_open(cfg(gate="confidence"), unsure)
+    assert gate_open(cfg(gate="confidence", confidence_threshold=-1.5), unsure)
+    assert gate_open(cfg(gate="both"), knows) and not gate_open(cfg(gate="both"), lost)
+    assert not gate_open(cfg(gate="both"), unsure)
+    assert gate_open(cfg(gate="always"), lost) and not gate_open(cfg(gate="never"), knows)
+    assert not gate_open(cfg(gate="always"), Attempts([], [], []))
+    # relative: only when the peer is more successful on the problem than the student.
+    assert gate_open(cfg(gate_relative=True), knows, student_success=0.0)
+    assert not gate_open(cfg(gate_relative=True), knows, student_success=0.5)
+    assert unsure.best() == 1 and knows.best() == 0
+
+
+def test_feedback_is_anchored_to_the_problem():
+    fb = peer_feedback(OPCoDConfig(), ITEM, Attempts([GOOD], [1.0], [0.0]))
+    assert fb == "The problem's quantities: 47, 8, 5.\nA peer's worked solution:\n47+8=55\n55-5=50\n#### 50"
+    assert up_to_answer("no marker") is None
+    assert peer_feedback(OPCoDConfig(), ITEM, Attempts(["55 without a marker"], [1.0], [0.0])) is None
+    assert peer_feedback(OPCoDConfig(), ITEM, Attempts(["#### 1"], [0.0], [0.0])) is None  # not grounded
+    raw = peer_feedback(OPCoDConfig(anchor=False), ITEM, Attempts(["#### 1\nmore"], [0.0], [0.0]))
+    assert raw == "A peer's worked solution:\n#### 1\nmore"
+
+
+def test_teacher_views_combine_own_attempt_and_gated_feedback():
+    cfg = OPCoDConfig()
+    mine = Attempts(["#### 50", "#### 3", "#### 9"], [1.0, 0.0, 0.0], [0.0] * 3)
+    peer_knows = Attempts([GOOD], [1.0], [0.0])
+    views, stats = teacher_views(cfg, [ITEM], [mine], [peer_knows])
+    v = views[0]
+    assert v[0] is not None and "A correct attempt" not in v[0] and "Feedback from a peer" in v[0]
+    assert "A correct attempt at this problem:\n#### 50" in v[1] and "47, 8, 5" in v[1]
+    assert v[1].startswith(ITEM.prompt) and v[1].endswith("Use this to answer correctly in your own words.")
+    assert stats["gate_open_frac"] == 1.0 and stats["feedback_frac"] == 1.0
+    views, stats = teacher_views(cfg, [ITEM], [Attempts(["x"], [0.0], [0.0])], [Attempts(["y"], [0.0], [0.0])])
+    assert views == [[None]] and stats["gate_open_frac"] == 0.0
+    views, _ = teacher_views(OPCoDConfig(own_attempt="none", gate="never"), [ITEM], [mine], [peer_knows])
+    assert views == [[None, None, None]]
+
+
+def test_opcod_trains_both_models(tiny_model_dir, peer_dir, tmp_path, monkeypatch):
+    """Two steps end to end: both models' weights change; peer saved, evaluated, checkpointed."""
+    import selfdistill.tasks.verify as V
+    from selfdistill.trainer import train
+
+    monkeypatch.setattr(V, "verify_item", lambda item, text: True)  # a random model is never right
+    out = tmp_path / "co"
+    res = train(tiny(tiny_model_dir, peer_dir, out, **{"opcod.gate": "always", "opcod.anchor": False}),
+                log=lambda s: None)
+    assert res.steps == 2
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_student"] > 0 and r["loss_peer"] > 0 and r["feedback_frac"] == 1.0 for r in rows)
+    assert all(abs(r["loss"] - r["loss_student"] - r["loss_peer"]) < 1e-5 for r in rows)
+
+    def changed(a, b):
+        ma, mb = AutoModelForCausalLM.from_pretrained(a), AutoModelForCausalLM.from_pretrained(b)
+        with torch.no_grad():
+            return sum(float((p - q).abs().sum()) for p, q in zip(ma.parameters(), mb.parameters()))
+
+    assert changed(out / "model", tiny_model_dir) > 0
+    assert changed(out / "peer_model", peer_dir) > 0
+    peer_res = json.loads((out / "peer_results.json").read_text())
+    assert peer_res["before"] and peer_res["after"] and peer_res["updated"]
+    state = torch.load(next((out / "checkpoints").glob("step-*")) / "trainer_state.pt", weights_only=False)
+    assert state["method"]["peer"]["optimizer"]["state"]  # the peer's AdamW moments are checkpointed
+
+
+def test_confidence_gate_and_one_way_setup(tiny_model_dir, peer_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from selfdistill.methods.base import Context
+    from selfdistill.methods.opcod import OPCoD
+    from selfdistill.models import load_model
+    from selfdistill.tasks.registry import ItemStream, build_tasks
+
+    cfg = tiny(tiny_model_dir, peer_dir, tmp_path, **{"opcod.gate": "confidence", "opcod.update_peer": False})
+    model, tok = load_model(cfg.model)
+    tasks = build_tasks(cfg.data)
+    ctx = Context(cfg, model, tok, tasks, Accelerator(cpu=True), tmp_path, lambda s: None, None,
+                  ItemStream(tasks, 2, 0))
+    m = OPCoD(ctx)
+    assert m.opt is None and not any(p.requires_grad for p in m.peer.ctx.model.parameters())
+    batch = m.make_batch(0, ctx.items_for_step(0))
+    assert m._peer_micro == [] and len(batch) == 4
+    ro, groups = m.rollout(ctx.items_for_step(0))
+    ro = type(ro)(ro.prompt_ids, [c[:2] + tok("#### 7", add_special_tokens=False)["input_ids"] for c in ro.completion_ids],
+                  [t[:2] + "#### 7" for t in tok.batch_decode([c[:2] for c in ro.completion_ids])], ro.finished)
+    att = m.attempts(ro, groups)
+    conf = [c for a in att for c in a.confidences]
+    assert all(c < 0 and math.isfinite(c) for c in conf)  # mean log-prob of the answer tokens "7"
+    from selfdistill.trainer import train
+
+    for peer, msg in (("", "needs the second model"), (str(tmp_path / "nope"), "opcod.peer")):
+        with pytest.raises(ConfigError, match=msg):  # rejected before anything is written
+            train(tiny(tiny_model_dir, peer, tmp_path / "rejected"), log=lambda s: None)
+        assert not (tmp_path / "rejected").exists()
+
+
+def test_pareto_verdict():
+    from selfdistill.opcod.table import pareto
+
+    def row(math, code):
+        return {"cells": {"toy-math/test_id": {"greedy": {"mean": math}}, "toy-code/test_id": {"greedy": {"mean": code}}}}
+
+    table = {"base/A": row(50, 10), "base/B": row(10, 50), "up/A": row(55, 10), "up/B": row(12, 50),
+             "trade/A": row(60, 5), "trade/B": row(20, 60)}
+    assert pareto(table, "up", ["math", "code"]) == "yes"
+    assert pareto(table, "trade", ["math", "code"]) == "no"  # A lost on code
+    assert pareto(table, "base", ["math", "code"]) == "-"
