@@ -219,10 +219,21 @@ def edit_kv(model: nn.Module, fn_by_site: Mapping[SiteKey, KVEdit]) -> Iterator[
     handles = []
     try:
         for edits in by_module.values():
-            def hook(_mod: nn.Module, _args: object, out: object, edits=edits) -> torch.Tensor:
-                if not isinstance(out, torch.Tensor):
-                    raise TypeError(f"{edits[0][0].module_name} returned {type(out).__name__}, not a tensor")
-                return _apply_edits(out, edits)
+            if len(edits) == 1 and edits[0][0].whole_output:  # the common case, resolved once, not per call
+                site, fn = edits[0]
+
+                def hook(_mod: nn.Module, _args: object, out: object, site=site, fn=fn) -> torch.Tensor:
+                    if not isinstance(out, torch.Tensor):
+                        raise TypeError(f"{site.module_name} returned {type(out).__name__}, not a tensor")
+                    new = fn(out)
+                    if new.shape != out.shape or new.dtype != out.dtype:
+                        return _checked(new, out, site)
+                    return new
+            else:
+                def hook(_mod: nn.Module, _args: object, out: object, edits=edits) -> torch.Tensor:
+                    if not isinstance(out, torch.Tensor):
+                        raise TypeError(f"{edits[0][0].module_name} returned {type(out).__name__}, not a tensor")
+                    return _apply_edits(out, edits)
 
             handles.append(edits[0][0].module.register_forward_hook(hook))
         yield

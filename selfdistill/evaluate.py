@@ -22,7 +22,7 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test_id", "test_ood"],
                               metadata={"help": "Splits to evaluate."})
     greedy: bool = field(default=True, metadata={"help": "Report greedy (temperature 0) accuracy."})
-    samples: int = field(default=2, metadata={"help": "k: sampled pass@1 averaged over k samples (0 = off)."})
+    samples: int = field(default=1, metadata={"help": "k: sampled pass@1 averaged over k samples (0 = off)."})
     temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampled evaluation."})
     max_items: int = field(default=100, metadata={"help": "At most this many items per split (0 = all)."})
     max_new_tokens: int = field(default=96, metadata={"help": "Longest evaluated completion."})

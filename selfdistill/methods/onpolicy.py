@@ -17,7 +17,7 @@ Subclasses only write :meth:`OnPolicyMethod.teacher_prompts`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from selfdistill.methods.base import Method, TrainBatch
 from selfdistill.models import unwrap
 from selfdistill.rollout import Rollouts, generate
-from selfdistill.scoring import lm_head_weight, target_logprobs
+from selfdistill.scoring import lm_head_weight
 from selfdistill.objectives import divergence_from_hidden
 from selfdistill.sequences import chat_prompt, encode_prompts, forward_hidden, make_batch
 from selfdistill.tasks.base import Item
@@ -94,12 +94,10 @@ class OnPolicyMethod(Method):
         teacher = make_batch(t_ids, ro.completion_ids, pad)
         weights = torch.tensor([1.0 if k else 0.0 for k in keep])
         tensors = {"weights_B": weights}
-        if ctx.cfg.distill.is_clip is not None:
-            with torch.no_grad():
-                logp = target_logprobs(unwrap(ctx.model), student.to(ctx.device),
-                                       temperature=ctx.cfg.distill.temperature).cpu()
-                # Column t holds log p(token t): aligned with the student sequence.
-                tensors["old_logp_BT"] = torch.nn.functional.pad(logp, (1, 0))
+        # distill.is_clip: the rollout policy is the student at these very weights (one update per batch),
+        # so the importance ratio is exactly 1 and no extra forward is spent on "old" log-probs; see loss().
+        # A method whose samples come from another policy puts that policy's log-probs (column t = log p of
+        # token t) in tensors["old_logp_BT"] and they are used.
         info = {"teacher_signal_frac": float(weights.mean()), "time_rollout_s": t_rollout,
                 "completion_len": sum(len(c) for c in ro.completion_ids) / max(1, len(ro.completion_ids))}
         if self.needs_rewards:
@@ -125,11 +123,14 @@ class OnPolicyMethod(Method):
         weights_N = micro.tensors["weights_B"].to(ctx.device)[:, None].expand_as(s_mask)[s_mask]
         ids_N = s_batch.input_ids_BT[:, 1:][s_mask]
         old = micro.tensors.get("old_logp_BT")
+        scale = 1.0
+        if dcfg.is_clip is not None and old is None:  # on-policy: min(exp(0), c) = min(1, c) on every token
+            dcfg, scale = replace(dcfg, is_clip=None), min(1.0, dcfg.is_clip)
         loss = divergence_from_hidden(
             s_rows, lm_head_weight(ctx.model), t_rows, t_head, mask_N=weights_N, cfg=dcfg,
             token_ids_N=ids_N, old_logprobs_N=old.to(ctx.device)[:, 1:][s_mask] if old is not None else None,
             num_items_in_batch=num_tokens)
-        return loss, {"time_teacher_s": t_teacher}
+        return (loss * scale if scale != 1.0 else loss), {"time_teacher_s": t_teacher}
 
     def after_step(self, step: int) -> None:
         self.teacher.update(step)

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import Iterator, Literal, Mapping, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selfdistill.arch import Kind, KVEdit, SiteKey, edit_kv
@@ -101,20 +102,20 @@ def projector(sub: Subspace, beta: float) -> KVEdit:
             h_Xd.dtype, torch.float32)
         key = (h_Xd.device, dtype)
         form = cache.get(key)
-        if form is None:
-            form = cache[key] = tuple(  # type: ignore[assignment]
-                t.to(h_Xd.device, dtype) if t is not None else None for t in affine_form(sub.U_dr, beta, sub.mu_d))
-        M, W, c = form
-        h2 = h_Xd.reshape(-1, d)
-        if h2.dtype != dtype:
-            h2 = h2.to(dtype)
-        if W is None:
-            out = torch.addmm(c, h2, M)
+        if form is None:  # as F.linear weights: A (symmetric), U^T, W^T
+            M, W, c = affine_form(sub.U_dr, beta, sub.mu_d)
+            M_t = M if W is None else M.T
+            form = cache[key] = (M_t.contiguous().to(h_Xd.device, dtype), None if W is None else
+                                 W.T.contiguous().to(h_Xd.device, dtype), c.to(h_Xd.device, dtype))
+        M_t, W_t, c = form
+        h = h_Xd if h_Xd.dtype == dtype else h_Xd.to(dtype)
+        if W_t is None:
+            out = F.linear(h, M_t, c)  # h A + c (A symmetric, so A^T = A)
         else:
-            out = torch.addmm(c, h2 @ M, W)
+            out = F.linear(F.linear(h, M_t), W_t, c)  # (h U) W + c
             if beta != 0.0:
-                out.add_(h2, alpha=beta)
-        return out.view(h_Xd.shape).to(h_Xd.dtype)
+                out.add_(h, alpha=beta)
+        return out if out.dtype == h_Xd.dtype else out.to(h_Xd.dtype)
 
     return fn
 

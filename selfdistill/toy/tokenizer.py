@@ -29,8 +29,9 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # One token per character; special tokens are matched before this runs.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # One token per character, newlines included ("." alone would leave runs of
+    # newlines unsplit); special tokens are matched before this runs.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
     hf = PreTrainedTokenizerFast(
