@@ -100,6 +100,20 @@ def run_worker(module: str, args: list[str], threads: int, timeout: float = 600)
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
+def add_clock(parser) -> None:
+    """``--clock cpu|wall`` for a worker (see :func:`apply_clock`)."""
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+
+
+def apply_clock(args) -> None:
+    """With ``--clock cpu`` every ``time.perf_counter`` in this process (ours, TRL's, the worker's) reads the
+    process's CPU time, so waiting for a core on a shared machine is not counted."""
+    import time
+
+    if getattr(args, "clock", "wall") == "cpu":
+        time.perf_counter = time.process_time
+
+
 def emit(result: dict) -> None:
     """What a worker prints last: one JSON line the orchestrator reads."""
     print(PREFIX + json.dumps(result), flush=True)

@@ -24,7 +24,7 @@ import math
 import resource
 import time
 
-from benchmarks.common import emit
+from benchmarks.common import add_clock, apply_clock, emit
 
 
 def _rss_mb() -> float:
@@ -43,6 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    add_clock(p)
     p.add_argument("--impl", choices=["ours", "unchunked", "trl"], required=True)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=151_936)
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=0, help="ours: chunk size (0 = the library default)")
     p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args()
+    apply_clock(a)
     import torch
 
     torch.set_num_threads(a.threads)

@@ -19,7 +19,7 @@ import argparse
 import tempfile
 import time
 
-from benchmarks.common import emit, make_random_model
+from benchmarks.common import add_clock, apply_clock, emit, make_random_model
 
 
 def matmul_peak(n: int, repeats: int = 5) -> float:
@@ -39,6 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    add_clock(p)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--peak-n", type=int, default=2048)
     a = p.parse_args()
+    apply_clock(a)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM

@@ -14,13 +14,14 @@ import argparse
 import tempfile
 import time
 
-from benchmarks.common import emit, make_random_model
+from benchmarks.common import add_clock, apply_clock, emit, make_random_model
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    add_clock(p)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=6)
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--decoders", default="fast,hf")
     a = p.parse_args()
+    apply_clock(a)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +61,7 @@ def main() -> None:
         torch.manual_seed(0)
         ctx = project_kv(model, subs, beta=a.beta) if hooked else _null()
         with ctx, torch.no_grad():
-            t = time.process_time()
+            t = time.perf_counter()
             if decoder == "fast":
                 out, _ = fastgen.sample(model, prompts, a.new_tokens, eos_ids=[])
                 assert sum(len(r) for r in out) == n_tok
@@ -67,7 +69,7 @@ def main() -> None:
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0,
                                eos_token_id=None)
-            return time.process_time() - t
+            return time.perf_counter() - t
 
     res = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "hidden": model.config.hidden_size,
            "layers": model.config.num_hidden_layers, "sites": len(subs), "tokens": n_tok}

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import emit
+from benchmarks.common import add_clock, apply_clock, emit
 
 TEMPLATE_OURS = "{problem}\n\n{demonstration}"
 TEMPLATE_TRL = "{prompt}\n\n{privileged_context}"
@@ -47,14 +47,17 @@ def run_ours(a: argparse.Namespace) -> dict:
     from selfdistill.config_io import from_dict
     from selfdistill.trainer import train
 
+    if a.before:
+        from selfdistill import sequences
+
+        sequences.forward_hidden.__defaults__ = (False,)  # share_prefixes off
     out = Path(tempfile.mkdtemp(prefix="bench_ours_"))
     cfg = from_dict(TrainConfig, {
         "method": "sdft", "output_dir": str(out / "run"), "seed": a.seed, "steps": a.steps,
         "batch_size": a.batch, "micro_batch_size": a.batch * a.generations,
         "model": {"path": a.model}, "data": {"train_size": a.train_size, "test_size": 4},
-        "rollout": {"max_new_tokens": a.max_new_tokens, "batch_size": a.batch * a.generations,
-                    "temperature": 1.0, "backend": "hf"} if a.backend_flag else
-                   {"max_new_tokens": a.max_new_tokens, "batch_size": a.batch * a.generations, "temperature": 1.0},
+        "rollout": {"max_new_tokens": a.max_new_tokens, "batch_size": a.batch * a.generations, "temperature": 1.0,
+                    "fast_decode": not a.before},
         "onpolicy": {"samples_per_prompt": a.generations, "max_teacher_prompt_tokens": 4096},
         "sdft": {"template": TEMPLATE_OURS, "demonstration": "own"},
         "distill": {"kind": "jsd", "beta": 0.5, "topk": a.topk, "topk_support": "student", "tail": "renorm"},
@@ -164,6 +167,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    add_clock(p)
     p.add_argument("--impl", choices=["ours", "trl"], required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--batch", type=int, default=8)
@@ -173,8 +177,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=200)
-    p.add_argument("--backend-flag", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--before", action="store_true",
+                   help="ours as before this work: transformers generate, one forward row per sequence")
     a = p.parse_args()
+    apply_clock(a)
     import torch
 
     torch.set_num_threads(a.threads)

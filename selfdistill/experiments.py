@@ -40,8 +40,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sft": {"method": "sft"},
         "opsd": {"method": "opsd"},
         "sdft": {"method": "sdft", "distill.kind": "reverse_kl", "teacher.kind": "ema"},
-        "sdpo": {"method": "sdpo", "onpolicy.samples_per_prompt": 4, "distill.topk": 20,
+        # 8 prompts x 4 samples: the same 32 sequences per step as the other rows.
+        "sdpo": {"method": "sdpo", "batch_size": 8, "onpolicy.samples_per_prompt": 4, "distill.topk": 20,
                  "distill.is_clip": 2.0, "teacher.kind": "ema"},
+    },
+    # Feedback family (docs/methods/sgsd_critique.md). Group methods: 8 prompts x 4 samples, the same 32
+    # sequences per step as the one-sample rows.
+    "feedback": {
+        "base": {},
+        "grpo": {"method": "grpo", "batch_size": 8, "onpolicy.samples_per_prompt": 4},
+        "opsd": {"method": "opsd"},
+        "sgsd": {"method": "sgsd", "batch_size": 8, "onpolicy.samples_per_prompt": 4},
+        "critique-reward": {"method": "critique", "critique.feedback": "reward"},
+        "critique-reference": {"method": "critique", "critique.feedback": "reference"},
+        "critique-step": {"method": "critique", "critique.feedback": "step"},
     },
 }
 

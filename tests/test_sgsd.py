@@ -94,6 +94,9 @@ def test_bank_merge_dedup_capacity_and_json(tmp_path):
     bank.add([c("Read every option before answering."), c("Write one step per line.")], threshold=0.8,
              capacity=3, max_new=1)
     assert len(bank.skills) == 3 and bank.skills[0].count == 3
+    # Full: an online update's new entry displaces an older one of the same (lowest) frequency.
+    new = bank.add([c("Always write the answer marker last.")], threshold=0.8, capacity=3, step=25)
+    assert len(bank.skills) == 3 and new and new[0] in bank.skills and bank.skills[1] is new[0]
     bank.save(tmp_path / "bank.json")
     again = SkillBank.load(tmp_path / "bank.json")
     assert again.to_dict() == bank.to_dict() and json.loads((tmp_path / "bank.json").read_text())["skills"]

@@ -122,14 +122,14 @@ class SGSD(OnPolicyMethod):
         if self.ctx.accelerator.is_main_process:
             self.bank.save(self.ctx.out_dir / "skill_bank.json")
 
-    def _update_bank(self, groups) -> int:
+    def _update_bank(self, groups, step: int) -> int:
         cfg = self.ctx.cfg.sgsd
         added = 0
         if self.ctx.rank == 0:
             trajs = [Trajectory(g.item, t, r > 0) for g in groups for t, r in zip(g.texts, g.rewards)]
             cands = [c for cs in self.extractor(trajs) for c in cs]
             added = len(self.bank.add(cands, similarity=self.similarity, threshold=cfg.similarity_threshold,
-                                      capacity=cfg.capacity, max_new=cfg.update_max_new))
+                                      capacity=cfg.capacity, max_new=cfg.update_max_new, step=step + 1))
         self._sync_bank()
         self._save_bank()
         return added
@@ -142,7 +142,7 @@ class SGSD(OnPolicyMethod):
         t_rollout = time.perf_counter() - t0
         info: dict[str, float] = {}
         if cfg.update_every and (step + 1) % cfg.update_every == 0:
-            info["bank_added"] = float(self._update_bank(groups))
+            info["bank_added"] = float(self._update_bank(groups, step))
         pools = {}
         rows: list[tuple[int, str, float, float]] = []  # (rollout index, teacher user message, weight, reward)
         b = 0

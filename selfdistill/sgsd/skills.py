@@ -42,6 +42,7 @@ class Entry:
     domain: str = ""
     keys: list[str] = field(default_factory=list)
     count: int = 1
+    step: int = 0  # training step at which it entered the bank (0: the initial build)
 
     def document(self) -> str:
         """What retrieval compares a problem with."""
@@ -76,7 +77,7 @@ class SkillBank:
         return len(self.skills) + len(self.mistakes)
 
     def add(self, candidates: Sequence[Candidate], *, similarity: Similarity | None = None,
-            threshold: float = 0.8, capacity: int = 30, max_new: int | None = None) -> list[Entry]:
+            threshold: float = 0.8, capacity: int = 30, max_new: int | None = None, step: int = 0) -> list[Entry]:
         """Merge ``candidates`` (in order); returns the entries that are new. See the module doc."""
         sim = similarity or TfidfSimilarity()
         added: list[Entry] = []
@@ -101,12 +102,13 @@ class SkillBank:
                     continue
                 if budget <= 0:
                     continue
-                e = Entry(c.text.strip(), kind, c.domain, list(dict.fromkeys(c.keys)))
+                e = Entry(c.text.strip(), kind, c.domain, list(dict.fromkeys(c.keys)), step=step)
                 bank.append(e)
                 added.append(e)
                 budget -= 1
-            # Most frequent first (stable: ties keep their order of arrival), then the capacity.
-            bank.sort(key=lambda e: -e.count)
+            # Most frequent first, the newer first among equally frequent ones (an online update can
+            # replace stale rare entries); within one update, order of arrival. Then the capacity.
+            bank.sort(key=lambda e: (-e.count, -e.step))
             dropped = bank[capacity:]
             del bank[capacity:]
             added = [e for e in added if all(e is not d for d in dropped)]

@@ -32,7 +32,7 @@ class PretrainConfig:
 
     seed: int = field(default=0, metadata={"help": "Seed of weights, data order and toy items."})
     steps: int = field(default=1500, metadata={"help": "Length of the learning-rate schedule, in steps."})
-    stop_step: int = field(default=0, metadata={
+    stop_step: int = field(default=1250, metadata={
         "help": "Stop (and save) after this many steps, before the schedule ends (0 = run all steps): "
                 "the toy model is stopped early on purpose so it is only partly competent."})
     batch_size: int = field(default=32, metadata={"help": "Sequences per step."})
