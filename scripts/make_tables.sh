@@ -6,6 +6,9 @@
 set -euo pipefail
 OUT=${OUT:-runs/tables}
 export OMP_NUM_THREADS=1
-selfdistill table --preset spd --rows base,ssd,spd,spd-random,spd-alltokens,spd-beta0 --out "$OUT/spd" &
-selfdistill table --preset privileged --rows sft,opsd,sdft,sdpo --out "$OUT/privileged" &
+selfdistill table --preset spd --out "$OUT/spd" \
+  --rows base,ssd,spd,spd-random,spd-alltokens,spd-beta0,spd-beta0.8,spd-beta0.9,spd-rank32 &
+selfdistill table --preset privileged --rows base,sft,opsd,sdft,sdpo --out "$OUT/privileged" &
 wait
+# Why SPD's data is what it is: the projected policy's own accuracy on the valid split.
+selfdistill spd subspace --out "$OUT/projected_policy" --eval_betas 0,0.5,0.8,0.9,1

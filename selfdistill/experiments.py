@@ -32,6 +32,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "spd-alltokens": {"method": "spd", "spd.selector": "all"},
         "spd-beta0": {"method": "spd", "spd.beta": 0.0},
         "spd-beta0.8": {"method": "spd", "spd.beta": 0.8},
+        "spd-beta0.9": {"method": "spd", "spd.beta": 0.9},
         "spd-rank2": {"method": "spd", "spd.rank": 2},
         "spd-rank32": {"method": "spd", "spd.rank": 32},
     },

@@ -258,6 +258,12 @@ class SGSDConfig:
         for name in ("tau", "weight_temperature", "delta_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sgsd.{name} must be > 0, got {getattr(self, name)}")
+        if self.bank_path:
+            from pathlib import Path
+
+            if not Path(self.bank_path).is_file():
+                raise ValueError(f"sgsd.bank_path {self.bank_path}: no such file (build one with "
+                                 "`selfdistill sgsd skills --out FILE`)")
 
 
 CRITIQUE_REWARD_TEMPLATE = ("{problem}\n\nYour previous attempt:\n{attempt}\n\nYour previous attempt was {verdict}. "

@@ -48,7 +48,11 @@ class Engine(Protocol):
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights by these (names as in the Hugging Face checkpoint)."""
+        """Replace these weights of the engine (names as in the Hugging Face checkpoint).
+
+        A sync calls it once per tensor (so a merged LoRA weight is read while it is merged and a
+        full second copy of the model never has to exist); the engine must copy what it keeps.
+        """
         ...
 
 
@@ -64,6 +68,7 @@ class VLLMEngine:
                               "rollout.backend=hf") from e
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, seed=seed, enable_prefix_caching=True, **llm_kwargs)
+        self._stale_prefix_cache = False
 
     def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams) -> list[list[int]]:  # pragma: no cover
         from vllm import SamplingParams as VSP
@@ -75,6 +80,9 @@ class VLLMEngine:
         sp = VSP(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                  top_k=params.top_k if params.top_k > 0 else -1, stop_token_ids=list(params.stop_token_ids),
                  seed=params.seed, skip_special_tokens=False)
+        if self._stale_prefix_cache:
+            self.llm.reset_prefix_cache()
+            self._stale_prefix_cache = False
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts_token_ids], sampling_params=sp,
                                  use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
@@ -83,7 +91,7 @@ class VLLMEngine:
         engine = self.llm.llm_engine
         runner = engine.model_executor.driver_worker.model_runner  # colocated engine, as TRL does
         runner.model.load_weights(list(named_tensors))
-        self.llm.reset_prefix_cache()
+        self._stale_prefix_cache = True  # cached prefixes hold old K/V: reset before the next generate
 
 
 EngineFactory = Callable[[nn.Module, "object"], Engine]
@@ -130,7 +138,9 @@ def _is_peft(model: nn.Module) -> bool:
 def named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under their checkpoint names; a LoRA adapter is merged in (and unmerged after).
 
-    Tied weights are yielded once (vLLM ties them itself).
+    Tied weights are yielded once (vLLM ties them itself). The tensors share the
+    parameters' storage: with LoRA a merged weight is only merged until the
+    iteration ends, so consume (copy) each one as it comes.
     """
     peft = _is_peft(model)
     if peft:
@@ -155,7 +165,8 @@ def named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def sync_weights(model: nn.Module, engine: Engine) -> None:
     """Push the model's current weights into ``engine``."""
     with torch.no_grad():
-        engine.load_weights(named_weights(model))
+        for name, tensor in named_weights(model):
+            engine.load_weights([(name, tensor)])
 
 
 def engine_for(model: nn.Module, cfg) -> Engine:
