@@ -27,14 +27,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "spd": {
         "base": {},
         "ssd": {"method": "ssd"},
-        "spd": {"method": "spd"},
-        "spd-random": {"method": "spd", "spd.subspace": "random"},
-        "spd-alltokens": {"method": "spd", "spd.selector": "all"},
+        "spd": {"method": "spd", "spd.beta": 0.5},
+        "spd-random": {"method": "spd", "spd.beta": 0.5, "spd.subspace": "random"},
+        "spd-alltokens": {"method": "spd", "spd.beta": 0.5, "spd.selector": "all"},
         "spd-beta0": {"method": "spd", "spd.beta": 0.0},
         "spd-beta0.8": {"method": "spd", "spd.beta": 0.8},
         "spd-beta0.9": {"method": "spd", "spd.beta": 0.9},
-        "spd-rank2": {"method": "spd", "spd.rank": 2},
-        "spd-rank32": {"method": "spd", "spd.rank": 32},
+        "spd-rank2": {"method": "spd", "spd.beta": 0.5, "spd.rank": 2},
+        "spd-rank32": {"method": "spd", "spd.beta": 0.5, "spd.rank": 32},
     },
     "privileged": {
         "base": {},
@@ -119,7 +119,9 @@ def run_table(tc: TableConfig, log=print) -> Path:
             cfg = _row_config(name, rows[name], seed, out, common)
             run_dir = Path(cfg.output_dir)
             done = run_dir / "results.json"
-            if not done.exists():
+            if done.exists():
+                _warn_if_changed(name, seed, run_dir, cfg, log)
+            else:
                 log(f"== {name} seed {seed}")
                 if name == "base":
                     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,29 @@ def run_table(tc: TableConfig, log=print) -> Path:
     (out / "results.md").write_text(md)
     log(md)
     return out / "results.md"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _warn_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log) -> None:
+    """A reused run whose saved settings differ from the row's now: say which keys."""
+    import yaml
+
+    saved_p = run_dir / "run_config.yaml"
+    if not saved_p.exists():
+        return
+    saved, now = _flat(yaml.safe_load(saved_p.read_text())), _flat(to_dict(cfg))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "resume")
+    if diff:
+        log(f"note: reusing {name} seed {seed}; its saved settings differ in {', '.join(diff)}")
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
