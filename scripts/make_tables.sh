@@ -11,4 +11,4 @@ selfdistill table --preset spd --out "$OUT/spd" \
 selfdistill table --preset privileged --rows base,sft,opsd,sdft,sdpo --out "$OUT/privileged" &
 wait
 # Why SPD's data is what it is: the projected policy's own accuracy on the valid split.
-selfdistill spd subspace --out "$OUT/projected_policy" --eval_betas 0,0.5,0.8,0.9,1
+selfdistill spd subspace --out runs/diag/rank8 --eval_betas 0,0.5,0.8,0.9,1
