@@ -117,10 +117,10 @@ def forward_hidden(model, batch: SequenceBatch, share_prefixes: bool = True) -> 
       at real tokens), so attention takes the plain causal kernel;
     - when several rows share a prompt (``samples_per_prompt`` > 1, or the
       same teacher context) and that saves at least 10% of the tokens, each
-      distinct prompt is run once, its K/V cache is copied to the rows that
-      share it, and only the completions run per row
-      (:func:`_forward_shared_prefix`). Gradients flow through the shared
-      prompt's activations to the weights as in the plain forward.
+      distinct prompt is computed once and every completion attends to it
+      (:func:`_forward_shared_prefix`: one packed row per prompt with a tree
+      mask, or a K/V cache shared by the rows). Gradients flow through the
+      shared prompt's activations to the weights as in the plain forward.
     """
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     fast = _fast_layout(model, base, batch)
@@ -148,14 +148,26 @@ def _fast_layout(model, base, batch: SequenceBatch) -> bool:
     return bool((attn[:, 0] == 1).all() and (attn[:, 1:] <= attn[:, :-1]).all())
 
 
+#: Largest tree attention mask (rows x length x length entries) before the two-stage form is used instead.
+TREE_MASK_MAX = 1 << 25
+
+
 def _forward_shared_prefix(base, batch: SequenceBatch) -> torch.Tensor | None:
     """The decoder's hidden states with each distinct prompt computed once; None if it would not pay.
 
     Rows must be prompt, completion, right padding with positions 0..len-1
-    (what :func:`make_batch` builds). Stage 1 runs the U distinct prompts
-    (left-padded, with a K/V cache); stage 2 runs every row's completion
-    against its prompt's cache (gathered per row, differentiably); the hidden
-    states are put back in the (B, T, H) layout (zeros on padding).
+    (what :func:`make_batch` builds). Rows sharing a prompt form a group. Two
+    exact layouts:
+
+    - *tree* (when its mask is small): one row per group, the prompt followed
+      by every member's completion, each completion attending to the prompt
+      and to itself only (a 4D mask), positions restarting after the prompt;
+      no token is computed twice and there is no padding inside a group;
+    - *two-stage* (long sequences): the distinct prompts run once with a K/V
+      cache, the cache is gathered per row (differentiably) and every row's
+      completion runs against it.
+
+    The hidden states are put back in the (B, T, H) layout (zeros on padding).
     """
     ids, attn, comp, pos = (batch.input_ids_BT, batch.attention_mask_BT.bool(), batch.completion_mask_BT.bool(),
                             batch.position_ids_BT)
@@ -173,11 +185,62 @@ def _forward_shared_prefix(base, batch: SequenceBatch) -> torch.Tensor | None:
     group = [keys.setdefault(tuple(ids_l[b][: plen_l[b]]), len(keys)) for b in range(B)]
     prompts = list(keys)
     U = len(prompts)
-    Pm = max(len(p) for p in prompts)
-    Cm = max(l - p for l, p in zip(len_l, plen_l))
     saved = sum(plen_l) - sum(len(p) for p in prompts)
-    if U == B or saved < 0.1 * sum(len_l) or Cm < 1:
+    if U == B or saved < 0.1 * sum(len_l) or max(l - p for l, p in zip(len_l, plen_l)) < 1:
         return None
+    # Tree layout: row u = prompt u, then its members' completions in batch order.
+    row_len = [len(p) for p in prompts]
+    start = [0] * B  # column of row b's first completion token in its tree row
+    for b in range(B):
+        start[b] = row_len[group[b]]
+        row_len[group[b]] += len_l[b] - plen_l[b]
+    Lt = max(row_len)
+    impl = getattr(base.config, "_attn_implementation", "sdpa")
+    if U * Lt * Lt <= TREE_MASK_MAX and impl in ("sdpa", "eager"):
+        return _tree_forward(base, batch, prompts, group, start, Lt, plen, length)
+    return _two_stage_forward(base, batch, prompts, group, plen, length)
+
+
+def _tree_forward(base, batch: SequenceBatch, prompts, group, start, Lt: int, plen, length) -> torch.Tensor:
+    ids = batch.input_ids_BT
+    B, T = ids.shape
+    U, device = len(prompts), ids.device
+    t_ids = torch.zeros((U, Lt), dtype=torch.long, device=device)
+    t_pos = torch.zeros((U, Lt), dtype=torch.long, device=device)
+    seg = torch.full((U, Lt), -1, dtype=torch.long, device=device)  # -1 pad, 0 prompt, b + 1 row b's completion
+    for u, p in enumerate(prompts):
+        t_ids[u, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        t_pos[u, :len(p)] = torch.arange(len(p), device=device)
+        seg[u, :len(p)] = 0
+    plen_l, len_l = plen.tolist(), length.tolist()
+    src = torch.full((B, T), U * Lt, dtype=torch.long, device=device)  # default: the zero row
+    for b in range(B):
+        u, s, P, n = group[b], start[b], plen_l[b], len_l[b]
+        t_ids[u, s:s + n - P] = ids[b, P:n]
+        t_pos[u, s:s + n - P] = torch.arange(P, n, device=device)
+        seg[u, s:s + n - P] = b + 1
+        src[b, :P] = u * Lt + torch.arange(P, device=device)
+        src[b, P:n] = u * Lt + s + torch.arange(n - P, device=device)
+    ar = torch.arange(Lt, device=device)
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    allowed = (ar[:, None] >= ar[None, :])[None] & (sk >= 0) & ((sk == 0) | (sk == sq))
+    allowed |= torch.eye(Lt, dtype=torch.bool, device=device)[None]  # padding queries see themselves (no NaN)
+    dtype = next(base.parameters()).dtype
+    mask = torch.zeros((U, 1, Lt, Lt), dtype=dtype, device=device).masked_fill_(
+        ~allowed[:, None], torch.finfo(dtype).min)
+    h = base(input_ids=t_ids, attention_mask=mask, position_ids=t_pos, use_cache=False).last_hidden_state
+    H = h.shape[-1]
+    flat = torch.cat([h.reshape(U * Lt, H), h.new_zeros((1, H))])
+    return flat[src.reshape(-1)].view(B, T, H)
+
+
+def _two_stage_forward(base, batch: SequenceBatch, prompts, group, plen, length) -> torch.Tensor:
+    ids, comp = batch.input_ids_BT, batch.completion_mask_BT.bool()
+    B, T = ids.shape
+    U, device = len(prompts), ids.device
+    ar = torch.arange(T, device=device)
+    Pm = max(len(p) for p in prompts)
+    Cm = int((length - plen).max())
     from transformers import DynamicCache
 
     p_ids = torch.zeros((U, Pm), dtype=torch.long)
@@ -204,11 +267,8 @@ def _forward_shared_prefix(base, batch: SequenceBatch) -> torch.Tensor | None:
     H = h1.shape[-1]
     flat = torch.cat([h1.reshape(U * Pm, H), h2.reshape(B * Cm, H), h1.new_zeros((1, H))])
     src = torch.full((B, T), U * Pm + B * Cm, dtype=torch.long, device=device)
-    in_prompt = ar[None] < plen[:, None]
-    src = torch.where(in_prompt, rows[:, None] * Pm + (Pm - plen)[:, None] + ar[None], src)
-    in_comp = comp
-    src = torch.where(in_comp, U * Pm + torch.arange(B, device=device)[:, None] * Cm + (ar[None] - plen[:, None]),
-                      src)
+    src = torch.where(ar[None] < plen[:, None], rows[:, None] * Pm + (Pm - plen)[:, None] + ar[None], src)
+    src = torch.where(comp, U * Pm + torch.arange(B, device=device)[:, None] * Cm + (ar[None] - plen[:, None]), src)
     return flat[src.reshape(-1)].view(B, T, H)
 
 

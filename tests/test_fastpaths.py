@@ -161,8 +161,13 @@ def _grads(model, batch, share: bool):
     return h.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("layout", ["tree", "two-stage"])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_shared_prefix_forward_equals_plain_forward(arch):
+def test_shared_prefix_forward_equals_plain_forward(arch, layout, monkeypatch):
+    import selfdistill.sequences as seq
+
+    if layout == "two-stage":
+        monkeypatch.setattr(seq, "TREE_MASK_MAX", 0)
     model = tiny(arch, torch.float64).train()
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 4, 12)]
