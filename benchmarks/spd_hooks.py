@@ -2,8 +2,9 @@
 
 Same model, same prompts, same number of tokens (no early stop), rank-8
 centred subspaces with beta 0.5 (SPD's defaults) on every K and V site.
-Variants alternate (A, B, A, B, ...) and each reports its best repeat, so a
-load spike on the shared machine hits both alike. Both decode paths are
+Runs come in back-to-back pairs (order alternating); the overhead is the
+median over pairs of hooked / plain time, so a load spike on the shared
+machine hits both members of a pair alike. Both decode paths are
 measured: selfdistill's lean loop (the default) and ``transformers``
 ``generate``.
 """
@@ -73,14 +74,50 @@ def main() -> None:
 
     res = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "hidden": model.config.hidden_size,
            "layers": model.config.num_hidden_layers, "sites": len(subs), "tokens": n_tok}
+    import statistics
+
     for decoder in a.decoders.split(","):
         run(decoder, False)  # warm-up
-        best = {False: float("inf"), True: float("inf")}
-        for _ in range(a.repeats):
-            for hooked in (False, True):
-                best[hooked] = min(best[hooked], run(decoder, hooked))
-        res[decoder] = {"tok_s_plain": n_tok / best[False], "tok_s_hooked": n_tok / best[True],
-                        "overhead": best[True] / best[False] - 1.0}
+        run(decoder, True)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        ratios = []
+        for i in range(a.repeats):
+            order = (False, True) if i % 2 == 0 else (True, False)  # alternate who goes first
+            pair = {h: run(decoder, h) for h in order}
+            for h in pair:
+                times[h].append(pair[h])
+            ratios.append(pair[True] / pair[False])
+        med = {h: statistics.median(v) for h, v in times.items()}
+        res[decoder] = {"tok_s_plain": n_tok / med[False], "tok_s_hooked": n_tok / med[True],
+                        "overhead": statistics.median(ratios) - 1.0,
+                        "overhead_of_best": min(times[True]) / min(times[False]) - 1.0,
+                        "pair_ratios": ratios}
+    # Per-call cost of one hooked K projection at the decode shape, plain and hooked in alternating blocks (best
+    # block each): times the number of hooked calls of a run, over the run's time = the overhead with the
+    # run-to-run noise of a shared machine taken out.
+    site = kv_sites(model)[0]
+    x = torch.randn(a.batch, 1, model.config.hidden_size)
+    one = {site.key: subs[site.key]}
+
+    def block(hooked: bool, n: int = 400) -> float:
+        ctx = project_kv(model, one, beta=a.beta, layers=[site.layer], kinds=(site.kind,)) if hooked else _null()
+        with ctx, torch.no_grad():
+            t = time.perf_counter()
+            for _ in range(n):
+                site.module(x)
+            return (time.perf_counter() - t) / n
+
+    block(False), block(True)
+    per = {False: float("inf"), True: float("inf")}
+    for _ in range(7):
+        for h in (False, True):
+            per[h] = min(per[h], block(h))
+    extra = max(per[True] - per[False], 0.0)
+    calls = len(subs) * a.new_tokens  # decode steps; the prefill adds len(subs) larger calls
+    res["per_call_us"] = {"plain": per[False] * 1e6, "hooked": per[True] * 1e6, "extra": extra * 1e6}
+    for decoder in a.decoders.split(","):
+        plain_run = n_tok / res[decoder]["tok_s_plain"]
+        res[decoder]["overhead_per_call_estimate"] = extra * calls / plain_run
     emit(res)
 
 
