@@ -96,10 +96,9 @@ def main() -> None:
     # block each): times the number of hooked calls of a run, over the run's time = the overhead with the
     # run-to-run noise of a shared machine taken out.
     site = kv_sites(model)[0]
-    x = torch.randn(a.batch, 1, model.config.hidden_size)
     one = {site.key: subs[site.key]}
 
-    def block(hooked: bool, n: int = 400) -> float:
+    def block(x, hooked: bool, n: int) -> float:
         ctx = project_kv(model, one, beta=a.beta, layers=[site.layer], kinds=(site.kind,)) if hooked else _null()
         with ctx, torch.no_grad():
             t = time.perf_counter()
@@ -107,17 +106,23 @@ def main() -> None:
                 site.module(x)
             return (time.perf_counter() - t) / n
 
-    block(False), block(True)
-    per = {False: float("inf"), True: float("inf")}
-    for _ in range(7):
-        for h in (False, True):
-            per[h] = min(per[h], block(h))
-    extra = max(per[True] - per[False], 0.0)
-    calls = len(subs) * a.new_tokens  # decode steps; the prefill adds len(subs) larger calls
-    res["per_call_us"] = {"plain": per[False] * 1e6, "hooked": per[True] * 1e6, "extra": extra * 1e6}
+    def extra_per_call(x, n: int) -> tuple[float, float, float]:
+        block(x, False, n), block(x, True, n)
+        per = {False: float("inf"), True: float("inf")}
+        for _ in range(7):
+            for h in (False, True):
+                per[h] = min(per[h], block(x, h, n))
+        return per[False], per[True], max(per[True] - per[False], 0.0)
+
+    plain_d, hooked_d, extra_d = extra_per_call(torch.randn(a.batch, 1, model.config.hidden_size), 400)
+    _, _, extra_p = extra_per_call(torch.randn(a.batch, a.prompt_len, model.config.hidden_size), 20)
+    # Every site is hooked once per decode step and once in the prefill (distinct prompts, all of them here).
+    extra_run = len(subs) * ((a.new_tokens - 1) * extra_d + extra_p)
+    res["per_call_us"] = {"plain": plain_d * 1e6, "hooked": hooked_d * 1e6, "extra": extra_d * 1e6,
+                          "extra_prefill": extra_p * 1e6}
     for decoder in a.decoders.split(","):
         plain_run = n_tok / res[decoder]["tok_s_plain"]
-        res[decoder]["overhead_per_call_estimate"] = extra * calls / plain_run
+        res[decoder]["overhead_per_call_estimate"] = extra_run / plain_run
     emit(res)
 
 

@@ -142,6 +142,9 @@ def _fast_layout(model, base, batch: SequenceBatch) -> bool:
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in FAST_TYPES or getattr(base, "gradient_checkpointing", False):
         return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])) or getattr(
+            cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
+        return False  # sliding windows: the packed layouts' masks would not apply them
     attn = batch.attention_mask_BT
     if attn.numel() == 0:
         return False

@@ -55,13 +55,14 @@ def project(h_Xd: torch.Tensor, U_dr: torch.Tensor, beta: float, mu_d: torch.Ten
     return out_Xd.to(h_Xd.dtype)
 
 
-#: Up to this width the edit is one dense affine map (``d x d``); wider sites use the rank-r form.
-DENSE_MAX_DIM = 256
+#: Sites up to this width (or up to 4 x the rank) use one dense ``d x d`` map; wider ones the rank-r form,
+#: whose cost grows as ``2 d r`` instead of ``d^2`` (it matters in the prefill, where rows are many).
+DENSE_MAX_DIM = 64
 
 
 def affine_form(U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """:func:`project` as ``h' = h A + c`` (dense, ``A = beta I + (1 - beta) U U^T``, symmetric) or
+    """:func:`project` as ``h' = h A + c`` (dense, ``A = beta I + (1 - beta) U U^T``, symmetric), or
     ``h' = beta h + (h U) W + c`` (``W = (1 - beta) U^T``): returns ``(A or U, None or W, c)``, float64.
 
     ``c = mu - mu A`` (0 without centring), so ``h A + c = mu + A (h - mu)``.
@@ -72,7 +73,7 @@ def affine_form(U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None
                                                                                  device=U.device)
     mu_A = beta * mu + (1.0 - beta) * ((mu @ U) @ U.T)
     c = mu - mu_A
-    if d <= DENSE_MAX_DIM:
+    if d <= max(DENSE_MAX_DIM, 4 * U.shape[1]):
         A = (1.0 - beta) * (U @ U.T)
         A.diagonal().add_(beta)
         return A, None, c
@@ -84,9 +85,9 @@ def projector(sub: Subspace, beta: float) -> KVEdit:
 
     Same map as :func:`project` (``mu + P(h - mu) + beta (I - P)(h - mu)``),
     computed in float32 or wider and cast back, but folded once per device and
-    dtype into ``h A + c`` (one fused multiply-add for sites up to
-    :data:`DENSE_MAX_DIM` wide) or ``beta h + (h U) W + c`` (two thin matmuls),
-    so the hook adds one or two kernels per call, not about ten.
+    dtype into ``h A + c`` (one fused multiply-add, for narrow sites: see
+    :data:`DENSE_MAX_DIM`) or ``beta h + (h U) W + c`` (two thin matmuls), so
+    the hook adds one to three kernels per call, not about ten.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
