@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -83,7 +82,6 @@ def run_ours(a: argparse.Namespace) -> dict:
 
 
 def run_trl(a: argparse.Namespace) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
 

@@ -72,15 +72,42 @@ class TableConfig:
         "help": "Extra dotted overrides for every row, as key=value (e.g. steps=20)."})
 
 
-def _row_config(name: str, overrides: dict[str, Any], seed: int, out: Path, common: dict[str, Any]) -> TrainConfig:
+def parse_common(pairs: list[str]) -> dict[str, Any]:
+    """``["steps=20", "optim.lr=1e-4"]`` -> dotted overrides (values parsed by the config layer)."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"common: expected key=value, got {kv!r}")
+        out[k] = v
+    return out
+
+
+def check_rows(names: list[str], known: Any, what: str) -> list[str]:
+    """``names`` (all of ``known`` when empty), or a clear error naming the first unknown one."""
+    names = list(names) or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"rows: {unknown[0]!r} is not {what} ({', '.join(known)})")
+    return names
+
+
+def run_config(overrides: dict[str, Any], seed: int, output_dir: Path, **top: Any) -> TrainConfig:
+    """One table run's settings: defaults, then ``overrides`` (dotted), then seed, folder and ``top``.
+
+    Every table run is evaluated with seed ``1234 + seed`` and does not evaluate before training.
+    """
     data = to_dict(TrainConfig())
-    for k, v in {**common, **overrides}.items():
+    for k, v in overrides.items():
         set_dotted(data, k, v)
-    data.update({"seed": seed, "output_dir": str(out / "runs" / f"{name}-s{seed}"), "eval_before": False})
+    data.update({"seed": seed, "output_dir": str(output_dir), "eval_before": False, **top})
     data["eval"]["seed"] = 1234 + seed
-    if name == "base":
-        data["steps"] = 1
     return from_dict(TrainConfig, data)
+
+
+def _row_config(name: str, overrides: dict[str, Any], seed: int, out: Path, common: dict[str, Any]) -> TrainConfig:
+    return run_config({**common, **overrides}, seed, out / "runs" / f"{name}-s{seed}",
+                      **({"steps": 1} if name == "base" else {}))
 
 
 def _run_base(cfg: TrainConfig) -> dict[str, Any]:
@@ -102,16 +129,8 @@ def run_table(tc: TableConfig, log=print) -> Path:
     if tc.preset not in PRESETS:
         raise ConfigError(f"preset: unknown {tc.preset!r}; known: {', '.join(PRESETS)}")
     rows = PRESETS[tc.preset]
-    names = tc.rows or list(rows)
-    unknown = [n for n in names if n not in rows]
-    if unknown:
-        raise ConfigError(f"rows: {unknown[0]!r} is not in preset {tc.preset} ({', '.join(rows)})")
-    common: dict[str, Any] = {}
-    for kv in tc.common:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError(f"common: expected key=value, got {kv!r}")
-        common[k] = v
+    names = check_rows(tc.rows, rows, f"in preset {tc.preset}")
+    common = parse_common(tc.common)
     out = Path(tc.out)
     results: dict[str, list[dict[str, Any]]] = {}
     for name in names:

@@ -18,7 +18,6 @@ buffer), which keeps every method free to call sub-modules of the model.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal

@@ -9,28 +9,23 @@ import pytest
 from selfdistill.ccopd.conversation import messages_for, sharded_rollout
 from selfdistill.ccopd.shard import (Sharder, covers, join_shards, load_shards_file, numbers, parse_model_shards,
                                      sentence_shards, shard_with_model, toy_shards)
-from selfdistill.config_io import ConfigError, from_dict
+from selfdistill.config_io import ConfigError
 from selfdistill.method_configs import CCOPDConfig
 from selfdistill.rollout import SamplingConfig
 from selfdistill.sequences import chat_messages, chat_prompt, encode_prompts
 from selfdistill.tasks.base import Item
 from selfdistill.toy.tasks import make_item
 
+import tinyrun  # tests/tinyrun.py
+
 
 def tiny(model_dir, out, **over):
-    from selfdistill.config import TrainConfig
 
     base = {"method": "ccopd", "output_dir": str(out), "steps": 2, "batch_size": 2, "micro_batch_size": 2,
             "model": {"path": model_dir}, "data": {"tasks": ["toy-math"], "train_size": 8, "test_size": 2},
             "rollout": {"max_new_tokens": 8, "batch_size": 8}, "ccopd": {"turn_max_new_tokens": 4},
             "eval_before": False, "eval_after": False, "optim": {"lr": 1e-3, "warmup_steps": 1}}
-    for k, v in over.items():
-        cur = base
-        *parents, last = k.split(".")
-        for p in parents:
-            cur = cur.setdefault(p, {})
-        cur[last] = v
-    return from_dict(TrainConfig, base)
+    return tinyrun.config(base, **over)
 
 
 def test_toy_math_example_is_the_documented_one():

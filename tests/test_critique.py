@@ -6,7 +6,6 @@ import json
 import math
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from selfdistill.critique import exact_critique

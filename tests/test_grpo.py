@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import from_dict
 from selfdistill.objectives import clip_fraction, group_advantages, kl_k3, policy_gradient_loss
+
+import tinyrun  # tests/tinyrun.py
 
 
 def tiny(model_dir: str, out, **over) -> TrainConfig:
@@ -18,13 +19,7 @@ def tiny(model_dir: str, out, **over) -> TrainConfig:
     base = {"output_dir": str(out), "steps": 2, "batch_size": 2, "micro_batch_size": 2, "eval_before": False,
             "eval_after": False, "model": {"path": model_dir}, "data": {"train_size": 8, "test_size": 2},
             "rollout": {"max_new_tokens": 8, "batch_size": 8}, "optim": {"lr": 1e-3, "warmup_steps": 1}}
-    for k, v in over.items():
-        cur = base
-        *parents, last = k.split(".")
-        for p in parents:
-            cur = cur.setdefault(p, {})
-        cur[last] = v
-    return from_dict(TrainConfig, base)
+    return tinyrun.config(base, **over)
 
 
 def test_group_advantages_by_hand():

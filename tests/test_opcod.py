@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from selfdistill.config_io import ConfigError, from_dict
+from selfdistill.config_io import ConfigError
 from selfdistill.method_configs import OPCoDConfig
 from selfdistill.opcod.views import Attempts, gate_open, peer_feedback, teacher_views, up_to_answer
 from selfdistill.tasks.base import Item
+
+import tinyrun  # tests/tinyrun.py
 
 ITEM = Item("q", "Compute 47+8-5", "", "50", "math", {"kind": "math"})
 GOOD = "47+8=55\n55-5=50\n#### 50\nextra chatter"
@@ -26,7 +28,6 @@ def peer_dir(tmp_path_factory):
 
 
 def tiny(model_dir, peer, out, **over):
-    from selfdistill.config import TrainConfig
 
     base = {"method": "opcod", "output_dir": str(out), "steps": 2, "batch_size": 2, "micro_batch_size": 2,
             "model": {"path": model_dir}, "opcod": {"peer": peer},
@@ -34,13 +35,7 @@ def tiny(model_dir, peer, out, **over):
             "onpolicy": {"samples_per_prompt": 2}, "rollout": {"max_new_tokens": 8, "batch_size": 8},
             "eval": {"max_items": 1, "samples": 0, "max_new_tokens": 4, "splits": ["test_id"]},
             "optim": {"lr": 1e-3, "warmup_steps": 1}}
-    for k, v in over.items():
-        cur = base
-        *parents, last = k.split(".")
-        for p in parents:
-            cur = cur.setdefault(p, {})
-        cur[last] = v
-    return from_dict(TrainConfig, base)
+    return tinyrun.config(base, **over)
 
 
 def test_gate_opens_and_closes_as_specified():

@@ -29,6 +29,8 @@ from selfdistill.config_io import from_dict
 from selfdistill.methods.sft import SFT
 from selfdistill.trainer import TrainingStopped, train
 
+import tinyrun  # tests/tinyrun.py
+
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda s: None}
 
@@ -47,13 +49,7 @@ def settings(model_dir: str, out: Path, **over) -> dict:
     """Nested settings (dotted overrides) of a tiny run."""
     data = json.loads(json.dumps(BASE))
     data.update({"output_dir": str(out), "model": {"path": model_dir}})
-    for k, v in over.items():
-        cur = data
-        *parents, last = k.split(".")
-        for p in parents:
-            cur = cur.setdefault(p, {})
-        cur[last] = v
-    return data
+    return tinyrun.settings(data, **over)
 
 
 def cfg_of(model_dir: str, out: Path, **over) -> TrainConfig:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfdistill.objectives import gated_token_loss, teacher_support
-from selfdistill.sgsd import (Candidate, Entry, RuleExtractor, SkillBank, TfidfSimilarity, Trajectory, retrieve,
+from selfdistill.sgsd import (Candidate, RuleExtractor, SkillBank, TfidfSimilarity, Trajectory, retrieve,
                               teacher_pool, tfidf_cosine)
 from selfdistill.tasks.base import Item
 from selfdistill.toy.tasks import make_item

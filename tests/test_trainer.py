@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, from_dict
+from selfdistill.config_io import ConfigError
 from selfdistill.trainer import train
+
+import tinyrun  # tests/tinyrun.py
 
 
 def tiny_cfg(model_dir: str, out: Path, **over) -> TrainConfig:
@@ -24,13 +26,7 @@ def tiny_cfg(model_dir: str, out: Path, **over) -> TrainConfig:
         "spd": {"probe_size": 4, "probe_samples": 1, "selector": "all", "rank": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
     }
-    for k, v in over.items():
-        cur = base
-        *parents, last = k.split(".")
-        for p in parents:
-            cur = cur.setdefault(p, {})
-        cur[last] = v
-    return from_dict(TrainConfig, base)
+    return tinyrun.config(base, **over)
 
 
 @pytest.mark.parametrize("method", ["ssd", "spd"])

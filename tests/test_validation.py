@@ -14,8 +14,10 @@ import pytest
 
 from selfdistill.cli import main
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, from_dict
+from selfdistill.config_io import ConfigError
 from selfdistill.trainer import prepare_run, train
+
+import tinyrun  # tests/tinyrun.py
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -175,13 +177,7 @@ def _cfg(model_dir: str, out: Path, **over) -> TrainConfig:
     base = {"method": "sft", "output_dir": str(out), "steps": 1, "batch_size": 2,
             "model": {"path": model_dir}, "data": {"train_size": 6, "test_size": 2},
             "rollout": {"max_new_tokens": 12}, "eval": {"max_items": 2, "max_new_tokens": 12, "samples": 1}}
-    for k, v in over.items():
-        cur = base
-        *parents, last = k.split(".")
-        for p in parents:
-            cur = cur.setdefault(p, {})
-        cur[last] = v
-    return from_dict(TrainConfig, base)
+    return tinyrun.config(base, **over)
 
 
 def test_python_api_raises_config_error_before_writing(tiny_model_dir, tmp_path):

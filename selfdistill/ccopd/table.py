@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
+from selfdistill.experiments import check_rows, parse_common, run_config, summarise
 
 #: Rows: name -> dotted overrides on top of ``method=ccopd`` (None = the untrained model).
 CCOPD_ROWS: dict[str, dict[str, Any] | None] = {
@@ -45,28 +45,11 @@ class CCOPDTableConfig:
         "help": "Extra dotted overrides for every row, as key=value (e.g. steps=20)."})
 
 
-def _kv(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for kv in pairs:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError(f"common: expected key=value, got {kv!r}")
-        out[k] = v
-    return out
-
-
 def row_config(name: str, overrides: dict[str, Any] | None, seed: int, out: Path, tc: CCOPDTableConfig,
                method: str = "ccopd") -> TrainConfig:
     """The training config of one row and seed (evaluation is done by the table, not the run)."""
-    data = to_dict(TrainConfig())
-    data["method"] = method
-    data["data"]["tasks"] = list(tc.train_tasks)
-    for k, v in {**_kv(tc.common), **(overrides or {})}.items():
-        set_dotted(data, k, v)
-    data.update({"seed": seed, "output_dir": str(out / "runs" / f"{name}-s{seed}"), "eval_before": False,
-                 "eval_after": False})
-    data["eval"]["seed"] = 1234 + seed
-    return from_dict(TrainConfig, data)
+    over = {"method": method, "data.tasks": list(tc.train_tasks), **parse_common(tc.common), **(overrides or {})}
+    return run_config(over, seed, out / "runs" / f"{name}-s{seed}", eval_after=False)
 
 
 def _evaluate(model_path: str, cfg: TrainConfig, tc: CCOPDTableConfig) -> list[dict]:
@@ -83,13 +66,9 @@ def _evaluate(model_path: str, cfg: TrainConfig, tc: CCOPDTableConfig) -> list[d
 
 def run_ccopd_table(tc: CCOPDTableConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every row x seed, evaluate in every setting, write results.md / results.json."""
-    from selfdistill.experiments import summarise
     from selfdistill.trainer import train
 
-    names = tc.rows or list(CCOPD_ROWS)
-    unknown = [n for n in names if n not in CCOPD_ROWS]
-    if unknown:
-        raise ConfigError(f"rows: {unknown[0]!r} is not a CCOPD row ({', '.join(CCOPD_ROWS)})")
+    names = check_rows(tc.rows, CCOPD_ROWS, "a CCOPD row")
     out = Path(tc.out)
     results: dict[str, list[dict[str, Any]]] = {}
     for name in names:

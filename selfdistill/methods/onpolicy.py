@@ -17,7 +17,7 @@ Subclasses only write :meth:`OnPolicyMethod.teacher_prompts`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
+from selfdistill.config_io import ConfigError
+from selfdistill.experiments import check_rows, parse_common, run_config, summarise
 
 
 class Run(NamedTuple):
@@ -78,23 +79,10 @@ def _models(tc: OPCoDTableConfig) -> dict[str, str]:
 
 
 def _config(tc: OPCoDTableConfig, run: Run, name: str, seed: int, models: dict[str, str]) -> TrainConfig:
-    data = to_dict(TrainConfig())
-    data["data"]["tasks"] = [f"toy-{d}" for d in tc.domains]
-    data["model"]["path"] = models[run.student]
-    if run.peer:
-        data["opcod"]["peer"] = models[run.peer]
-    for kv in tc.common:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError(f"common: expected key=value, got {kv!r}")
-        set_dotted(data, k, v)
-    for k, v in run.overrides.items():
-        set_dotted(data, k, v)
+    over = {"data.tasks": [f"toy-{d}" for d in tc.domains], "model.path": models[run.student],
+            **({"opcod.peer": models[run.peer]} if run.peer else {}), **parse_common(tc.common), **run.overrides}
     tag = f"{name}-{run.suffix}" if run.suffix else name
-    data.update({"seed": seed, "output_dir": str(Path(tc.out) / "runs" / f"{tag}-s{seed}"), "eval_before": False,
-                 "eval_after": True})
-    data["eval"]["seed"] = 1234 + seed
-    return from_dict(TrainConfig, data)
+    return run_config(over, seed, Path(tc.out) / "runs" / f"{tag}-s{seed}", eval_after=True)
 
 
 def _base_eval(tc: OPCoDTableConfig, seed: int, models: dict[str, str]) -> dict[str, list[dict]]:
@@ -113,14 +101,10 @@ def _base_eval(tc: OPCoDTableConfig, seed: int, models: dict[str, str]) -> dict[
 
 def run_opcod_table(tc: OPCoDTableConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every row x seed; write results.md / results.json."""
-    from selfdistill.experiments import summarise
     from selfdistill.trainer import train
 
     models = _models(tc)
-    names = tc.rows or list(OPCOD_ROWS)
-    unknown = [n for n in names if n not in OPCOD_ROWS]
-    if unknown:
-        raise ConfigError(f"rows: {unknown[0]!r} is not an OPCoD row ({', '.join(OPCOD_ROWS)})")
+    names = check_rows(tc.rows, OPCOD_ROWS, "an OPCoD row")
     out = Path(tc.out)
     results: dict[str, list[dict[str, Any]]] = {}  # "row/label" -> per seed {"after": [...]}
     for name in names:
