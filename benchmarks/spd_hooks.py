@@ -1,12 +1,13 @@
-"""(c) Generation speed with SPD's K/V projection hooks on every layer (K and V) vs without.
+"""(c) Generation speed with SPD's K/V projection on every layer (K and V) vs without.
 
 Same model, same prompts, same number of tokens (no early stop), rank-8
-centred subspaces with beta 0.5 (SPD's defaults) on every K and V site.
-Runs come in back-to-back pairs (order alternating); the overhead is the
-median over pairs of hooked / plain time, so a load spike on the shared
-machine hits both members of a pair alike. Both decode paths are
-measured: selfdistill's lean loop (the default) and ``transformers``
-``generate``.
+centred subspaces with beta 0.5 on every K and V site, in both forms: folded
+into the K/V weights (SPD's default, ``spd.fold``) and as forward hooks (what
+LoRA-wrapped projections use). Runs come in back-to-back triples (plain,
+hooks, folded; order rotating); each overhead is the median over triples of
+its time / the plain time, so a load spike on the shared machine hits all
+members of a triple alike. Both decode paths are measured: selfdistill's
+lean loop (the default) and ``transformers`` ``generate``.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def main() -> None:
     ids = torch.tensor(prompts)
     n_tok = a.batch * a.new_tokens
 
-    def run(decoder: str, hooked: bool) -> float:
+    def run(decoder: str, mode: str) -> float:
         torch.manual_seed(0)
-        ctx = project_kv(model, subs, beta=a.beta) if hooked else _null()
+        ctx = project_kv(model, subs, beta=a.beta, fold=mode == "folded") if mode != "plain" else _null()
         with ctx, torch.no_grad():
             t = time.perf_counter()
             if decoder == "fast":
@@ -76,53 +77,64 @@ def main() -> None:
            "layers": model.config.num_hidden_layers, "sites": len(subs), "tokens": n_tok}
     import statistics
 
+    modes = ("plain", "hooks", "folded")
     for decoder in a.decoders.split(","):
-        run(decoder, False)  # warm-up
-        run(decoder, True)
-        times: dict[bool, list[float]] = {False: [], True: []}
-        ratios = []
+        for m in modes:  # warm-up
+            run(decoder, m)
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        ratios: dict[str, list[float]] = {"hooks": [], "folded": []}
         for i in range(a.repeats):
-            order = (False, True) if i % 2 == 0 else (True, False)  # alternate who goes first
-            pair = {h: run(decoder, h) for h in order}
-            for h in pair:
-                times[h].append(pair[h])
-            ratios.append(pair[True] / pair[False])
-        med = {h: statistics.median(v) for h, v in times.items()}
-        res[decoder] = {"tok_s_plain": n_tok / med[False], "tok_s_hooked": n_tok / med[True],
-                        "overhead": statistics.median(ratios) - 1.0,
-                        "overhead_of_best": min(times[True]) / min(times[False]) - 1.0,
-                        "pair_ratios": ratios}
+            order = modes[i % 3:] + modes[:i % 3]  # rotate who goes first
+            trip = {m: run(decoder, m) for m in order}
+            for m in modes:
+                times[m].append(trip[m])
+            for m in ratios:
+                ratios[m].append(trip[m] / trip["plain"])
+        med = {m: statistics.median(v) for m, v in times.items()}
+        res[decoder] = {"tok_s_plain": n_tok / med["plain"], "tok_s_hooked": n_tok / med["hooks"],
+                        "tok_s_folded": n_tok / med["folded"],
+                        "overhead": statistics.median(ratios["hooks"]) - 1.0,
+                        "overhead_of_best": min(times["hooks"]) / min(times["plain"]) - 1.0,
+                        "overhead_folded": statistics.median(ratios["folded"]) - 1.0,
+                        "overhead_folded_of_best": min(times["folded"]) / min(times["plain"]) - 1.0,
+                        "ratios": ratios}
     # Per-call cost of one hooked K projection at the decode shape, plain and hooked in alternating blocks (best
     # block each): times the number of hooked calls of a run, over the run's time = the overhead with the
     # run-to-run noise of a shared machine taken out.
     site = kv_sites(model)[0]
     one = {site.key: subs[site.key]}
 
-    def block(x, hooked: bool, n: int) -> float:
-        ctx = project_kv(model, one, beta=a.beta, layers=[site.layer], kinds=(site.kind,)) if hooked else _null()
+    def block(x, mode: str, n: int) -> float:
+        ctx = (project_kv(model, one, beta=a.beta, layers=[site.layer], kinds=(site.kind,), fold=mode == "folded")
+               if mode != "plain" else _null())
         with ctx, torch.no_grad():
             t = time.perf_counter()
             for _ in range(n):
                 site.module(x)
             return (time.perf_counter() - t) / n
 
-    def extra_per_call(x, n: int) -> tuple[float, float, float]:
-        block(x, False, n), block(x, True, n)
-        per = {False: float("inf"), True: float("inf")}
+    def per_call(x, n: int) -> dict[str, float]:
+        for m in modes:
+            block(x, m, n)
+        per = {m: float("inf") for m in modes}
         for _ in range(7):
-            for h in (False, True):
-                per[h] = min(per[h], block(x, h, n))
-        return per[False], per[True], max(per[True] - per[False], 0.0)
+            for m in modes:
+                per[m] = min(per[m], block(x, m, n))
+        return per
 
-    plain_d, hooked_d, extra_d = extra_per_call(torch.randn(a.batch, 1, model.config.hidden_size), 400)
-    _, _, extra_p = extra_per_call(torch.randn(a.batch, a.prompt_len, model.config.hidden_size), 20)
-    # Every site is hooked once per decode step and once in the prefill (distinct prompts, all of them here).
-    extra_run = len(subs) * ((a.new_tokens - 1) * extra_d + extra_p)
-    res["per_call_us"] = {"plain": plain_d * 1e6, "hooked": hooked_d * 1e6, "extra": extra_d * 1e6,
-                          "extra_prefill": extra_p * 1e6}
-    for decoder in a.decoders.split(","):
-        plain_run = n_tok / res[decoder]["tok_s_plain"]
-        res[decoder]["overhead_per_call_estimate"] = extra_run / plain_run
+    dec_c = per_call(torch.randn(a.batch, 1, model.config.hidden_size), 400)
+    pre_c = per_call(torch.randn(a.batch, a.prompt_len, model.config.hidden_size), 20)
+    res["per_call_us"] = {"plain": dec_c["plain"] * 1e6, "hooked": dec_c["hooks"] * 1e6,
+                          "folded": dec_c["folded"] * 1e6}
+    for m, key in (("hooks", ""), ("folded", "_folded")):
+        extra_d, extra_p = max(dec_c[m] - dec_c["plain"], 0.0), max(pre_c[m] - pre_c["plain"], 0.0)
+        res["per_call_us"]["extra" + key] = extra_d * 1e6
+        res["per_call_us"]["extra_prefill" + key] = extra_p * 1e6
+        # Every site is called once per decode step and once in the prefill (distinct prompts, all of them here).
+        extra_run = len(subs) * ((a.new_tokens - 1) * extra_d + extra_p)
+        for decoder in a.decoders.split(","):
+            plain_run = n_tok / res[decoder]["tok_s_plain"]
+            res[decoder]["overhead_per_call_estimate" + key] = extra_run / plain_run
     emit(res)
 
 

@@ -32,6 +32,10 @@ class SPDConfig:
     center: bool = field(default=True, metadata={"help": "Project around the activations' mean (mu) instead of 0."})
     kinds: Literal["kv", "k", "v"] = field(default="kv", metadata={"help": "Project keys, values or both."})
     layers: str = field(default="all", metadata={"help": "'all', 'top:N' (by gradient energy), or a comma list of layer indices."})
+    fold: bool = field(default=True, metadata={
+        "help": "While sampling, fold the projection into the K/V projection weights (no per-call cost; "
+                "restored bit for bit after); false = forward hooks. LoRA-wrapped or Conv1D projections "
+                "always use hooks."})
     beta: float = field(default=0.9, metadata={"help": "Share of the complement kept: 0 = hard projection, 1 = no projection (0.9: chosen on the toy valid split, see docs/methods/spd.md)."})
     grad_positions: Literal["all", "completion"] = field(default="all", metadata={
         "help": "Positions whose K/V gradients are stacked."})

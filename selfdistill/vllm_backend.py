@@ -117,11 +117,13 @@ def set_engine_factory(factory: EngineFactory | None) -> None:
 
 
 def usable(model: nn.Module) -> bool:
-    """False when vLLM cannot reproduce the model's forward: hooks installed (an activation view) or no GPU model.
+    """False when vLLM cannot reproduce the model's forward: hooks installed or weights folded (an activation
+    view, see :func:`selfdistill.spd.projection.fold_kv`), or no GPU model.
 
     A fake engine (set through :func:`set_engine_factory`) is usable on any device.
     """
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if any(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_selfdistill_kv_folded", False)
+           for m in model.modules()):
         return False
     return _factory is not _default_factory or next(model.parameters()).is_cuda
 

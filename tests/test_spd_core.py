@@ -211,6 +211,47 @@ def test_hooks_removed_after_exception():
     assert hook_count(model) == before
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folded_projection_equals_hooks_and_restores_weights(arch):
+    """fold=True: the map lives in the K/V weights (no hooks where the module is a plain Linear), the logits
+    equal the hooked ones, and every parameter (and a missing bias) is back bit for bit after the block."""
+    model = tiny(arch)
+    ids_BT, mask_BT = batch()
+    subs = random_subspaces(model, rank=2, seed=3)  # centred: a bias-free projection gains a bias in the block
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    no_bias = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is None}
+    with project_kv(model, subs, beta=0.3):
+        hooked = logits(model, ids_BT, mask_BT)
+    with project_kv(model, subs, beta=0.3, fold=True):
+        folded = logits(model, ids_BT, mask_BT)
+        assert hook_count(model) == (0 if arch != "gpt2" else 2)  # GPT-2's Conv1D keeps the hook
+    torch.testing.assert_close(folded, hooked, atol=2e-5, rtol=2e-5)
+    assert (hooked - logits(model, ids_BT, mask_BT)).abs().max() > 1e-3
+    assert {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is None} == no_bias
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_folded_weights_restored_after_exception_and_seen_by_vllm_guard():
+    from selfdistill import vllm_backend
+
+    model = tiny("qwen3")
+    subs = random_subspaces(model, rank=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    vllm_backend.set_engine_factory(lambda m, c: None)
+    try:
+        assert vllm_backend.usable(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            with project_kv(model, subs, beta=0.0, fold=True):
+                assert not vllm_backend.usable(model)  # vLLM would sample from the unfolded weights
+                raise RuntimeError("boom")
+        assert vllm_backend.usable(model)
+    finally:
+        vllm_backend.set_engine_factory(None)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.model.layers[0].self_attn.k_proj.bias is None
+
+
 def test_layer_selection():
     subs = random_subspaces(tiny("llama"), rank=2)  # grad_energy = layer index
     assert select_layers(subs, "all") == [0, 1]

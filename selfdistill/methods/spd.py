@@ -130,7 +130,7 @@ class SPD(SelfGenMethod):
         s = self.ctx.cfg.spd
         kinds = ("k", "v") if s.kinds == "kv" else (s.kinds,)
         return project_kv(unwrap(self.ctx.model), self.subspaces, beta=s.beta,
-                          layers=_layer_spec(s.layers, self.subspaces), kinds=kinds)
+                          layers=_layer_spec(s.layers, self.subspaces), kinds=kinds, fold=s.fold)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -158,7 +158,7 @@ def projected_policy_accuracy(model, tokenizer, tasks, cfg, sset: SubspaceSet, b
     s = cfg.spd
     kinds = ("k", "v") if s.kinds == "kv" else (s.kinds,)
     for beta in betas:
-        with project_kv(model, sset, beta=beta, layers=_layer_spec(s.layers, sset), kinds=kinds):
+        with project_kv(model, sset, beta=beta, layers=_layer_spec(s.layers, sset), kinds=kinds, fold=s.fold):
             res = evaluate(model, tokenizer, tasks, ecfg, cfg.model.system_prompt or None)
         for r in res:
             rows.append({"beta": beta, "task": r.task, "split": r.split, "greedy": r.greedy, "sampled": r.sampled})

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
+from selfdistill.experiments import parse_common
 
 
 @dataclass
@@ -41,10 +42,7 @@ def peer_config(pc: PeersConfig, domain: str) -> TrainConfig:
     data["model"]["path"] = pc.base
     data["data"]["tasks"] = [f"toy-{domain}"]
     data["optim"]["lr"] = pc.lr
-    for kv in pc.common:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ConfigError(f"common: expected key=value, got {kv!r}")
+    for k, v in parse_common(pc.common).items():
         set_dotted(data, k, v)
     return from_dict(TrainConfig, data)
 
@@ -87,9 +85,14 @@ def _eval(path: str, pc: PeersConfig) -> list[dict[str, Any]]:
 
 
 def _markdown(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Greedy and sampled accuracy per model and (task, split), one table each."""
     keys = [f"{r['task']}/{r['split']}" for r in next(iter(rows.values()))]
-    lines = ["**greedy accuracy %**", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, res in rows.items():
-        cells = ["-" if r["greedy"] is None else f"{100 * r['greedy']:.1f}" for r in res]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    out = []
+    for mode in ("greedy", "sampled"):
+        lines = [f"**{mode} accuracy %**", "", "| model | " + " | ".join(keys) + " |",
+                 "|---" * (len(keys) + 1) + "|"]
+        for name, res in rows.items():
+            cells = ["-" if r[mode] is None else f"{100 * r[mode]:.1f}" for r in res]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"

@@ -20,6 +20,12 @@ before rotary embedding and before Qwen3 / Gemma 3's ``k_norm``. So the
 fixed subspace is only meaningful before it), and on Qwen3 the key norm
 rescales the projected key per head. The KV cache is filled downstream of the
 hook, so during ``generate`` it stores the projected (then rotated) values.
+
+For generation the map can also be *folded* into the projection's weights
+(``fold=True``): a site is the output of a linear map ``h W^T + b``, so its
+edit ``(h W^T + b) A + c`` is the linear map with weight ``A W`` and bias
+``A b + c`` (``A`` symmetric). Generation then costs exactly what it costs
+without SPD; the weights are restored bit for bit on exit.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.arch import Kind, KVEdit, SiteKey, edit_kv
+from selfdistill.arch import Kind, KVEdit, KVSite, SiteKey, edit_kv, sites_by_key
 from selfdistill.spd.subspace import Subspace, SubspaceSet, layer_energy, top_layers
 
 LayerSpec = Union[Literal["all"], Sequence[int], tuple[Literal["top"], int]]
@@ -140,12 +146,78 @@ def select_layers(subspaces: Mapping[SiteKey, Subspace], layers: LayerSpec) -> l
     return chosen
 
 
+def foldable(site: KVSite) -> bool:
+    """True when ``site``'s module is a plain ``nn.Linear`` (not a LoRA/quantised wrapper, not GPT-2's Conv1D)."""
+    return type(site.module) is nn.Linear
+
+
+@contextmanager
+def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float) -> Iterator[None]:
+    """Within the block, each site's projection is folded into its module's weight and bias (in place).
+
+    For no-grad use (generation, evaluation): a backward pass inside the block
+    would give gradients of the folded weights. Weights and biases are restored
+    bit for bit on exit, also on exception; a module without a bias gets one for
+    the block when the map has an offset (centring). Sites must be :func:`foldable`.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    by_key = sites_by_key(model)
+    by_module: dict[int, list[tuple[KVSite, Subspace]]] = {}
+    for key, sub in subspaces.items():
+        site = by_key[key]
+        if not foldable(site):
+            raise TypeError(f"{site.module_name} is a {type(site.module).__name__}, not a plain nn.Linear: "
+                            "use the hook form")
+        by_module.setdefault(id(site.module), []).append((site, sub))
+    saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None, bool]] = []
+    try:
+        with torch.no_grad():
+            for edits in by_module.values():
+                mod = edits[0][0].module
+                W = mod.weight.detach().to(torch.float64)
+                b = mod.bias.detach().to(torch.float64) if mod.bias is not None else torch.zeros(
+                    W.shape[0], dtype=torch.float64, device=W.device)
+                new_W, new_b = W.clone(), b.clone()
+                for site, sub in edits:
+                    U = sub.U_dr.to(W.device, torch.float64)
+                    A = (1.0 - beta) * (U @ U.T)
+                    A.diagonal().add_(beta)
+                    c = affine_form(U, beta, sub.mu_d)[2].to(W.device)
+                    sl = slice(site.start, site.stop)
+                    new_W[sl] = A @ W[sl]
+                    new_b[sl] = A @ b[sl] + c
+                added = mod.bias is None and bool(new_b.any())
+                saved.append((mod, mod.weight.detach().clone(), None if mod.bias is None else
+                              mod.bias.detach().clone(), added))
+                mod.weight.copy_(new_W.to(mod.weight.dtype))
+                if mod.bias is not None:
+                    mod.bias.copy_(new_b.to(mod.bias.dtype))
+                elif added:
+                    mod.bias = nn.Parameter(new_b.to(mod.weight.dtype), requires_grad=False)
+                mod._selfdistill_kv_folded = True  # the vLLM backend must not sample from unfolded copies
+        yield
+    finally:
+        with torch.no_grad():
+            for mod, W0, b0, added in reversed(saved):
+                mod.__dict__.pop("_selfdistill_kv_folded", None)
+                mod.weight.copy_(W0)
+                if added:
+                    mod.bias = None
+                elif b0 is not None:
+                    mod.bias.copy_(b0)
+
+
 @contextmanager
 def project_kv(model: nn.Module, subspaces: SubspaceSet | Mapping[SiteKey, Subspace], beta: float = 0.0,
-               layers: LayerSpec = "all", kinds: Sequence[Kind] = ("k", "v")) -> Iterator[list[SiteKey]]:
+               layers: LayerSpec = "all", kinds: Sequence[Kind] = ("k", "v"), fold: bool = False
+               ) -> Iterator[list[SiteKey]]:
     """Within the block, the chosen layers' K and/or V activations are projected.
 
-    Yields the list of edited sites. Hooks are removed on exit, also on exception.
+    ``fold=True`` (no-grad use only: generation, evaluation) folds the map into
+    the weights of every :func:`foldable` site (no per-call cost) and hooks the
+    others; ``False`` hooks every site. Yields the list of edited sites. Hooks
+    are removed and weights restored on exit, also on exception.
     """
     subs = subspaces.subspaces if isinstance(subspaces, SubspaceSet) else dict(subspaces)
     bad_kinds = [k for k in kinds if k not in ("k", "v")]
@@ -155,5 +227,13 @@ def project_kv(model: nn.Module, subspaces: SubspaceSet | Mapping[SiteKey, Subsp
     missing = [k for k in keys if k not in subs]
     if missing:
         raise KeyError(f"no subspace for site {missing[0]}")
-    with edit_kv(model, {k: projector(subs[k], beta) for k in keys}):
+    by_key = sites_by_key(model)
+    unknown = [k for k in keys if k not in by_key]
+    if unknown:
+        raise KeyError(f"{type(model).__name__} has no K/V site {unknown[0]}; "
+                       f"layers are 0..{max(l for l, _ in by_key)}, kinds 'k'/'v'")
+    folded = [k for k in keys if fold and beta != 1.0 and foldable(by_key[k])]
+    hooked = [k for k in keys if k not in folded]
+    with fold_kv(model, {k: subs[k] for k in folded}, beta), \
+            edit_kv(model, {k: projector(subs[k], beta) for k in hooked}):
         yield keys
