@@ -26,9 +26,11 @@ class PeersConfig:
     base: str = field(default="toy", metadata={"help": "The model both peers start from."})
     domains: list[str] = field(default_factory=lambda: ["math", "code"], metadata={
         "help": "One peer per toy domain, fine-tuned on that domain only."})
-    steps: int = field(default=30, metadata={"help": "SFT steps per peer."})
+    steps: int = field(default=100, metadata={"help": "SFT steps per peer."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per step."})
-    lr: float = field(default=1e-4, metadata={"help": "SFT learning rate."})
+    lr: float = field(default=3e-4, metadata={
+        "help": "SFT learning rate (3e-4 x 100 steps: the first setting that made the toy peers differ; "
+                "1e-4 x 30 left them equal, 1e-3 x 60 hurt both; docs/methods/ccopd_opcod.md)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate base and peers on every domain."})
     common: list[str] = field(default_factory=list, metadata={
         "help": "Extra dotted overrides for the SFT runs, as key=value."})
