@@ -176,9 +176,12 @@ def _warn_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log)
     if not saved_p.exists():
         return
     saved, now = _flat(yaml.safe_load(saved_p.read_text())), _flat(to_dict(cfg))
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "resume")
+    diff = sorted(k for k in set(saved) & set(now) if saved[k] != now[k] and k not in ("resume", "output_dir"))
+    newer = sorted(k for k in set(now) - set(saved))
     if diff:
         log(f"note: reusing {name} seed {seed}; its saved settings differ in {', '.join(diff)}")
+    if newer:
+        log(f"note: reusing {name} seed {seed}; it predates the settings {', '.join(newer)} (defaults assumed)")
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

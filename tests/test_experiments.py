@@ -22,3 +22,21 @@ def test_table_runs_rows_and_seeds_and_reuses_them(tiny_model_dir, tmp_path):
     stamp = (tmp_path / "runs" / "ssd-s0" / "results.json").stat().st_mtime
     run_table(tc, log=lambda s: None)  # finished runs are reused, not rerun
     assert (tmp_path / "runs" / "ssd-s0" / "results.json").stat().st_mtime == stamp
+
+
+def test_reused_run_notes_changed_and_newer_settings(tmp_path):
+    """A reused run whose saved settings differ says which keys; keys it predates are named apart."""
+    import yaml
+
+    from selfdistill.config import TrainConfig
+    from selfdistill.config_io import to_dict
+    from selfdistill.experiments import _warn_if_changed
+
+    saved = to_dict(TrainConfig())
+    saved["optim"]["lr"] = 1.0
+    del saved["spd"]["fold"]
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    lines: list[str] = []
+    _warn_if_changed("row", 0, tmp_path, TrainConfig(output_dir="elsewhere"), lines.append)
+    assert lines == ["note: reusing row seed 0; its saved settings differ in optim.lr",
+                     "note: reusing row seed 0; it predates the settings spd.fold (defaults assumed)"]
