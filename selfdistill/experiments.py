@@ -139,7 +139,7 @@ def run_table(tc: TableConfig, log=print) -> Path:
             run_dir = Path(cfg.output_dir)
             done = run_dir / "results.json"
             if done.exists():
-                _warn_if_changed(name, seed, run_dir, cfg, log)
+                note_if_changed(name, seed, run_dir, cfg, log)
             else:
                 log(f"== {name} seed {seed}")
                 if name == "base":
@@ -168,20 +168,29 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _warn_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log) -> None:
-    """A reused run whose saved settings differ from the row's now: say which keys."""
+def note_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log) -> None:
+    """A reused run whose saved settings differ from the row's now: say which keys.
+
+    Keys the saved run predates count as differences only where the row sets them away from the default.
+    """
     import yaml
 
     saved_p = run_dir / "run_config.yaml"
     if not saved_p.exists():
         return
     saved, now = _flat(yaml.safe_load(saved_p.read_text())), _flat(to_dict(cfg))
-    diff = sorted(k for k in set(saved) & set(now) if saved[k] != now[k] and k not in ("resume", "output_dir"))
-    newer = sorted(k for k in set(now) - set(saved))
+    default = _flat(to_dict(TrainConfig()))
+    skip = ("resume", "output_dir")
+    diff = sorted(k for k in now if k not in skip and (
+        saved[k] != now[k] if k in saved else now[k] != default.get(k)))
+    newer = sorted(k for k in now if k not in saved and k not in diff)
+    gone = sorted(k for k in saved if k not in now)
     if diff:
         log(f"note: reusing {name} seed {seed}; its saved settings differ in {', '.join(diff)}")
     if newer:
         log(f"note: reusing {name} seed {seed}; it predates the settings {', '.join(newer)} (defaults assumed)")
+    if gone:
+        log(f"note: reusing {name} seed {seed}; its saved settings {', '.join(gone)} no longer exist")
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -30,13 +30,13 @@ def test_reused_run_notes_changed_and_newer_settings(tmp_path):
 
     from selfdistill.config import TrainConfig
     from selfdistill.config_io import to_dict
-    from selfdistill.experiments import _warn_if_changed
+    from selfdistill.experiments import note_if_changed
 
     saved = to_dict(TrainConfig())
     saved["optim"]["lr"] = 1.0
     del saved["spd"]["fold"]
     (tmp_path / "run_config.yaml").write_text(yaml.safe_dump(saved))
     lines: list[str] = []
-    _warn_if_changed("row", 0, tmp_path, TrainConfig(output_dir="elsewhere"), lines.append)
+    note_if_changed("row", 0, tmp_path, TrainConfig(output_dir="elsewhere"), lines.append)
     assert lines == ["note: reusing row seed 0; its saved settings differ in optim.lr",
                      "note: reusing row seed 0; it predates the settings spd.fold (defaults assumed)"]

@@ -7,6 +7,7 @@ Gemma 2, Gemma 3), fused q|k|v with GQA (Phi-3) and fused Conv1D (GPT-2).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -244,12 +245,33 @@ def test_folded_weights_restored_after_exception_and_seen_by_vllm_guard():
         with pytest.raises(RuntimeError, match="boom"):
             with project_kv(model, subs, beta=0.0, fold=True):
                 assert not vllm_backend.usable(model)  # vLLM would sample from the unfolded weights
+                with project_kv(model, subs, beta=0.5, fold=True):  # nested folds
+                    pass
+                assert not vllm_backend.usable(model)  # the outer fold is still active
                 raise RuntimeError("boom")
         assert vllm_backend.usable(model)
     finally:
         vllm_backend.set_engine_factory(None)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model.model.layers[0].self_attn.k_proj.bias is None
+
+
+def test_fold_falls_back_to_hooks_where_writing_the_weight_would_not_act():
+    """A pre-hook on the projection (weight norm, offloading) or a meta weight: hooks, not a silent no-op fold."""
+    model = tiny("llama")
+    subs = random_subspaces(model, rank=2)
+    k0 = model.model.layers[0].self_attn.k_proj
+    w0 = k0.weight.clone()
+    handle = k0.register_forward_pre_hook(lambda m, a: None)
+    try:
+        with project_kv(model, subs, beta=0.0, fold=True):
+            assert hook_count(model) == 1 and torch.equal(k0.weight, w0)  # k_proj hooked, left as it was
+    finally:
+        handle.remove()
+    bad = {k: dataclasses.replace(v, U_dr=v.U_dr[:4], mu_d=v.mu_d[:4]) for k, v in subs.items()}
+    with pytest.raises(ValueError, match="width"):
+        with project_kv(model, bad, beta=0.0, fold=True):
+            pass
 
 
 def test_layer_selection():

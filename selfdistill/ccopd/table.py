@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
-from selfdistill.experiments import check_rows, parse_common, run_config, summarise
+from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise
 
 #: Rows: name -> dotted overrides on top of ``method=ccopd`` (None = the untrained model).
 CCOPD_ROWS: dict[str, dict[str, Any] | None] = {
@@ -76,6 +76,8 @@ def run_ccopd_table(tc: CCOPDTableConfig, log: Callable[[str], None] = print) ->
             cfg = row_config(name, CCOPD_ROWS[name], seed, out, tc)
             run_dir = Path(cfg.output_dir)
             done = run_dir / "ccopd_eval.json"
+            if done.exists() and CCOPD_ROWS[name] is not None:
+                note_if_changed(name, seed, run_dir, cfg, log)
             if not done.exists():
                 log(f"== {name} seed {seed}")
                 t0 = time.time()

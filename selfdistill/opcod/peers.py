@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
-from selfdistill.experiments import parse_common
+from selfdistill.experiments import note_if_changed, parse_common
 
 
 @dataclass
@@ -62,6 +62,8 @@ def make_peers(pc: PeersConfig, log: Callable[[str], None] = print) -> dict[str,
         if not (model / "config.json").exists():
             log(f"== peer {d}: sft on toy-{d} for {pc.steps} steps")
             train(cfg, log=lambda s: None)
+        else:
+            note_if_changed(f"peer {d}", cfg.seed, Path(cfg.output_dir), cfg, log)
         paths[d] = str(model)
     if pc.evaluate:
         rows = {"base": _eval(pc.base, pc)} | {f"{d}-peer": _eval(p, pc) for d, p in paths.items()}

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError
-from selfdistill.experiments import check_rows, parse_common, run_config, summarise
+from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise
 
 
 class Run(NamedTuple):
@@ -124,6 +124,8 @@ def run_opcod_table(tc: OPCoDTableConfig, log: Callable[[str], None] = print) ->
                 if not (run_dir / "results.json").exists():
                     log(f"== {name}{'-' + run.suffix if run.suffix else ''} seed {seed}")
                     train(cfg, log=lambda s: None)
+                else:
+                    note_if_changed(run_dir.name, seed, run_dir, cfg, log)
                 main = json.loads((run_dir / "results.json").read_text())
                 for lab, which in run.outputs.items():
                     after = main["after"] if which == "student" else \

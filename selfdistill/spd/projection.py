@@ -147,8 +147,17 @@ def select_layers(subspaces: Mapping[SiteKey, Subspace], layers: LayerSpec) -> l
 
 
 def foldable(site: KVSite) -> bool:
-    """True when ``site``'s module is a plain ``nn.Linear`` (not a LoRA/quantised wrapper, not GPT-2's Conv1D)."""
-    return type(site.module) is nn.Linear
+    """True when writing ``site``'s module's weight changes what it computes, and nothing else is in the way.
+
+    A plain ``nn.Linear`` (not a LoRA/quantised wrapper, not GPT-2's Conv1D) with an ordinary floating-point
+    weight that is materialised (not offloaded to ``meta``) and not recomputed by a pre-hook (weight norm,
+    accelerate's offloading).
+    """
+    mod = site.module
+    if type(mod) is not nn.Linear or mod._forward_pre_hooks:
+        return False
+    w = mod.weight
+    return type(w.data) is torch.Tensor and w.is_floating_point() and not w.is_meta
 
 
 @contextmanager
@@ -156,9 +165,13 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
     """Within the block, each site's projection is folded into its module's weight and bias (in place).
 
     For no-grad use (generation, evaluation): a backward pass inside the block
-    would give gradients of the folded weights. Weights and biases are restored
-    bit for bit on exit, also on exception; a module without a bias gets one for
-    the block when the map has an offset (centring). Sites must be :func:`foldable`.
+    would give gradients of the folded weights. The edited rows (and bias
+    entries) are restored bit for bit on exit, also on exception; only they are
+    backed up, so the extra memory is one K/V projection's rows per site. A
+    module without a bias gets one for the block when the map has an offset
+    (centring). Folding rounds ``A W`` to the weight's dtype (bf16/fp16
+    models: not bitwise the hook form, which applies ``A`` in fp32 to the
+    rounded output). Sites must be :func:`foldable`.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -167,45 +180,54 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
     for key, sub in subspaces.items():
         site = by_key[key]
         if not foldable(site):
-            raise TypeError(f"{site.module_name} is a {type(site.module).__name__}, not a plain nn.Linear: "
-                            "use the hook form")
+            raise TypeError(f"{site.module_name} ({type(site.module).__name__}) cannot be folded: use the hook form")
+        if sub.dim != site.width:
+            raise ValueError(f"subspace of width {sub.dim} for {site.module_name}[{site.start}:{site.stop}] "
+                             f"(width {site.width})")
         by_module.setdefault(id(site.module), []).append((site, sub))
-    saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None, bool]] = []
+    # per module: (module, [(rows, weight rows, bias rows or None)], bias added for the block)
+    saved: list[tuple[nn.Linear, list[tuple[slice, torch.Tensor, torch.Tensor | None]], bool]] = []
     try:
         with torch.no_grad():
             for edits in by_module.values():
                 mod = edits[0][0].module
-                W = mod.weight.detach().to(torch.float64)
-                b = mod.bias.detach().to(torch.float64) if mod.bias is not None else torch.zeros(
-                    W.shape[0], dtype=torch.float64, device=W.device)
-                new_W, new_b = W.clone(), b.clone()
+                W, dev = mod.weight, mod.weight.device
+                new_b = None
+                if mod.bias is None and any(s.mu_d is not None for _, s in edits):
+                    new_b = torch.zeros(W.shape[0], dtype=W.dtype, device=dev)
+                backup: list[tuple[slice, torch.Tensor, torch.Tensor | None]] = []
+                saved.append((mod, backup, new_b is not None))
+                # Nesting counts: the vLLM backend must not sample from unfolded copies while any fold is active.
+                mod._selfdistill_kv_folded = getattr(mod, "_selfdistill_kv_folded", 0) + 1
                 for site, sub in edits:
-                    U = sub.U_dr.to(W.device, torch.float64)
+                    sl = slice(site.start, site.stop)
+                    backup.append((sl, W[sl].clone(), None if mod.bias is None else mod.bias[sl].clone()))
+                    U = sub.U_dr.to(dev, torch.float64)
                     A = (1.0 - beta) * (U @ U.T)
                     A.diagonal().add_(beta)
-                    c = affine_form(U, beta, sub.mu_d)[2].to(W.device)
-                    sl = slice(site.start, site.stop)
-                    new_W[sl] = A @ W[sl]
-                    new_b[sl] = A @ b[sl] + c
-                added = mod.bias is None and bool(new_b.any())
-                saved.append((mod, mod.weight.detach().clone(), None if mod.bias is None else
-                              mod.bias.detach().clone(), added))
-                mod.weight.copy_(new_W.to(mod.weight.dtype))
-                if mod.bias is not None:
-                    mod.bias.copy_(new_b.to(mod.bias.dtype))
-                elif added:
-                    mod.bias = nn.Parameter(new_b.to(mod.weight.dtype), requires_grad=False)
-                mod._selfdistill_kv_folded = True  # the vLLM backend must not sample from unfolded copies
+                    c = affine_form(U, beta, sub.mu_d)[2].to(dev)
+                    W[sl] = (A @ W[sl].to(torch.float64)).to(W.dtype)
+                    if mod.bias is not None:
+                        mod.bias[sl] = (A @ mod.bias[sl].to(torch.float64) + c).to(mod.bias.dtype)
+                    elif new_b is not None:
+                        new_b[sl] = c.to(W.dtype)
+                if new_b is not None:
+                    mod.bias = nn.Parameter(new_b, requires_grad=False)
         yield
     finally:
         with torch.no_grad():
-            for mod, W0, b0, added in reversed(saved):
-                mod.__dict__.pop("_selfdistill_kv_folded", None)
-                mod.weight.copy_(W0)
+            for mod, backup, added in reversed(saved):
+                for sl, W0, b0 in reversed(backup):
+                    mod.weight[sl] = W0
+                    if b0 is not None:
+                        mod.bias[sl] = b0
                 if added:
                     mod.bias = None
-                elif b0 is not None:
-                    mod.bias.copy_(b0)
+                n = getattr(mod, "_selfdistill_kv_folded", 0) - 1
+                if n > 0:
+                    mod._selfdistill_kv_folded = n
+                else:
+                    mod.__dict__.pop("_selfdistill_kv_folded", None)
 
 
 @contextmanager
