@@ -34,10 +34,13 @@ for part in "${PARTS[@]}"; do
       wait
       selfdistill table --preset feedback --out "$OUT/feedback" ;;
     ccopd)
+      # ccopd-allturns: one seed (a run is ~35 minutes here); base and ccopd: three.
       selfdistill ccopd table --out "$OUT/ccopd" --rows base,ccopd &
-      selfdistill ccopd table --out "$OUT/ccopd" --rows ccopd-allturns &
+      selfdistill ccopd table --out "$OUT/ccopd" --rows ccopd-allturns --seeds 0 &
       wait
-      selfdistill ccopd table --out "$OUT/ccopd" ;;
+      selfdistill ccopd table --out "$OUT/ccopd" --rows base,ccopd,ccopd-allturns --seeds 0
+      cp "$OUT/ccopd/results.md" "$OUT/ccopd/results_allturns_seed0.md"
+      selfdistill ccopd table --out "$OUT/ccopd" --rows base,ccopd ;;
     opcod)
       selfdistill opcod make-peers --out "$OUT/peers"
       selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" --rows base,opcod,self &
