@@ -43,10 +43,11 @@ for part in "${PARTS[@]}"; do
       selfdistill ccopd table --out "$OUT/ccopd" --rows base,ccopd ;;
     opcod)
       selfdistill opcod make-peers --out "$OUT/peers"
-      selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" --rows base,opcod,self &
-      selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" --rows oneway,sft &
+      # Two seeds (a seed is seven training runs).
+      selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" --rows base,opcod,self --seeds 0,1 &
+      selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" --rows oneway,sft --seeds 0,1 &
       wait
-      selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" ;;
+      selfdistill opcod table --peers "$OUT/peers" --out "$OUT/opcod" --seeds 0,1 ;;
     *) echo "unknown part: $part (spd privileged feedback ccopd opcod)" >&2; exit 2 ;;
   esac
 done
