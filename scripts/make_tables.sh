@@ -34,7 +34,7 @@ for part in "${PARTS[@]}"; do
       wait
       selfdistill table --preset feedback --out "$OUT/feedback" ;;
     ccopd)
-      # ccopd-allturns: one seed (a run is ~35 minutes here); base and ccopd: three.
+      # ccopd-allturns: one seed (a run is ~33 minutes here); base and ccopd: three.
       selfdistill ccopd table --out "$OUT/ccopd" --rows base,ccopd &
       selfdistill ccopd table --out "$OUT/ccopd" --rows ccopd-allturns --seeds 0 &
       wait
