@@ -98,9 +98,10 @@ def main() -> None:
                         "overhead_folded": statistics.median(ratios["folded"]) - 1.0,
                         "overhead_folded_of_best": min(times["folded"]) / min(times["plain"]) - 1.0,
                         "ratios": ratios}
-    # Per-call cost of one hooked K projection at the decode shape, plain and hooked in alternating blocks (best
-    # block each): times the number of hooked calls of a run, over the run's time = the overhead with the
-    # run-to-run noise of a shared machine taken out.
+    # Per-call cost of one K projection at the decode and prefill shapes, plain, hooked and folded in alternating
+    # blocks (best block each): the extra time times the calls of a run, over the run's time = each form's
+    # overhead with the run-to-run noise of a shared machine taken out (fold/restore is paid once per run and
+    # is counted in the end-to-end times only).
     site = kv_sites(model)[0]
     one = {site.key: subs[site.key]}
 

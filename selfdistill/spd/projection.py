@@ -66,24 +66,36 @@ def project(h_Xd: torch.Tensor, U_dr: torch.Tensor, beta: float, mu_d: torch.Ten
 DENSE_MAX_DIM = 64
 
 
-def affine_form(U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """:func:`project` as ``h' = h A + c`` (dense, ``A = beta I + (1 - beta) U U^T``, symmetric), or
-    ``h' = beta h + (h U) W + c`` (``W = (1 - beta) U^T``): returns ``(A or U, None or W, c)``, float64.
+def dense_map(U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`project` as ``h' = h A + c``: ``(A, c)`` in float64 on ``U``'s device.
 
-    ``c = mu - mu A`` (0 without centring), so ``h A + c = mu + A (h - mu)``.
+    ``A = beta I + (1 - beta) U U^T`` (symmetric) and ``c = mu - mu A`` (0 without centring), so
+    ``h A + c = mu + A (h - mu)``.
     """
     U = U_dr.detach().double()
-    d = U.shape[0]
-    mu = mu_d.detach().double().to(U.device) if mu_d is not None else torch.zeros(d, dtype=torch.float64,
-                                                                                 device=U.device)
-    mu_A = beta * mu + (1.0 - beta) * ((mu @ U) @ U.T)
-    c = mu - mu_A
-    if d <= max(DENSE_MAX_DIM, 4 * U.shape[1]):
-        A = (1.0 - beta) * (U @ U.T)
-        A.diagonal().add_(beta)
+    A = (1.0 - beta) * (U @ U.T)
+    A.diagonal().add_(beta)
+    return A, _offset(U, beta, mu_d)
+
+
+def _offset(U: torch.Tensor, beta: float, mu_d: torch.Tensor | None) -> torch.Tensor:
+    """``c = mu - mu A`` without forming ``A`` (float64 ``U``)."""
+    if mu_d is None:
+        return torch.zeros(U.shape[0], dtype=torch.float64, device=U.device)
+    mu = mu_d.detach().double().to(U.device)
+    return mu - (beta * mu + (1.0 - beta) * ((mu @ U) @ U.T))
+
+
+def affine_form(U_dr: torch.Tensor, beta: float, mu_d: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`project` as ``h' = h A + c`` (dense, :func:`dense_map`), or ``h' = beta h + (h U) W + c``
+    (``W = (1 - beta) U^T``): returns ``(A or U, None or W, c)``, float64.
+    """
+    U = U_dr.detach().double()
+    if U.shape[0] <= max(DENSE_MAX_DIM, 4 * U.shape[1]):
+        A, c = dense_map(U, beta, mu_d)
         return A, None, c
-    return U, (1.0 - beta) * U.T, c
+    return U, (1.0 - beta) * U.T, _offset(U, beta, mu_d)
 
 
 def projector(sub: Subspace, beta: float) -> KVEdit:
@@ -202,10 +214,7 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
                 for site, sub in edits:
                     sl = slice(site.start, site.stop)
                     backup.append((sl, W[sl].clone(), None if mod.bias is None else mod.bias[sl].clone()))
-                    U = sub.U_dr.to(dev, torch.float64)
-                    A = (1.0 - beta) * (U @ U.T)
-                    A.diagonal().add_(beta)
-                    c = affine_form(U, beta, sub.mu_d)[2].to(dev)
+                    A, c = dense_map(sub.U_dr.to(dev), beta, sub.mu_d)
                     W[sl] = (A @ W[sl].to(torch.float64)).to(W.dtype)
                     if mod.bias is not None:
                         mod.bias[sl] = (A @ mod.bias[sl].to(torch.float64) + c).to(mod.bias.dtype)
