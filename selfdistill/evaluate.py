@@ -51,6 +51,10 @@ class SplitResult:
     n: int
     greedy: float | None
     sampled: float | None
+    #: Per item, in order (for paired comparisons between runs): ids, greedy 0/1, sampled mean over k.
+    ids: list[str] | None = None
+    greedy_items: list[float] | None = None
+    sampled_items: list[float] | None = None
 
 
 def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: str | None = None,
@@ -66,32 +70,38 @@ def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: s
     prompts = [chat_prompt(tokenizer, it.prompt, system) for _, _, items in jobs for it in items]
     flat = [(task, it) for task, _, items in jobs for it in items]
 
-    def accuracy(texts: list[str]) -> list[float]:
-        correct = [float(task.verify(it, t)) for (task, it), t in zip(flat, texts)]
-        out, pos = [], 0
-        for _, _, items in jobs:
-            n = len(items)
-            out.append(sum(correct[pos : pos + n]) / max(n, 1))
-            pos += n
-        return out
+    def correct(texts: list[str]) -> list[float]:
+        return [float(task.verify(it, t)) for (task, it), t in zip(flat, texts)]
 
     greedy = sampled = None
     if cfg.greedy:
         scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
-        greedy = accuracy(generate(model, tokenizer, prompts, scfg).texts)
+        greedy = correct(generate(model, tokenizer, prompts, scfg).texts)
     if cfg.samples:
-        scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        # Plain temperature sampling: no top-p / top-k truncation (what "sampled" means in every table).
+        scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
                               batch_size=cfg.batch_size)
-        runs = [accuracy(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k).texts)
+        runs = [correct(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k).texts)
                 for k in range(cfg.samples)]
-        sampled = [sum(r[j] for r in runs) / len(runs) for j in range(len(jobs))]
-    return [SplitResult(task.name, split, len(items),
-                        greedy[j] if greedy else None, sampled[j] if sampled else None)
-            for j, (task, split, items) in enumerate(jobs)]
+        sampled = [sum(r[i] for r in runs) / len(runs) for i in range(len(flat))]
+    out, pos = [], 0
+    for task, split, items in jobs:
+        g = greedy[pos : pos + len(items)] if greedy is not None else None
+        s = sampled[pos : pos + len(items)] if sampled is not None else None
+        n = max(len(items), 1)
+        out.append(SplitResult(task.name, split, len(items), sum(g) / n if g is not None else None,
+                               sum(s) / n if s is not None else None, [it.id for it in items], g, s))
+        pos += len(items)
+    return out
 
 
 def results_to_json(results: Sequence[SplitResult]) -> list[dict]:
     return [r.__dict__.copy() for r in results]
+
+
+def split_result(row: dict) -> SplitResult:
+    """A :class:`SplitResult` from its JSON form (older files lack the per-item lists)."""
+    return SplitResult(**{k: v for k, v in row.items() if k in SplitResult.__dataclass_fields__})
 
 
 def format_table(before: Sequence[SplitResult], after: Sequence[SplitResult] | None = None,

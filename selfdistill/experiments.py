@@ -3,7 +3,10 @@
 ``selfdistill table --preset spd`` trains every row of the preset for every
 seed (each a normal ``train`` run, in ``--out/runs/ROW-sSEED``), reads the
 after-training accuracies, and writes ``results.md`` / ``results.json`` with
-mean +- standard deviation over seeds per domain and split, and wall time.
+mean +- sample standard deviation (ddof = 1) over seeds per domain and split,
+wall time, and for each row a paired per-item comparison with its baseline
+(``BASELINES``; ``base`` by default): the mean difference with a 95%
+bootstrap interval over seeds and items (:mod:`selfdistill.stats`).
 The ``base`` row is the untrained model evaluated with each seed's
 evaluation settings. Rows are ordinary flag overrides, so any ablation is a
 new line here or ``--rows NAME=--flag,value,...`` on the command line.
@@ -57,6 +60,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "critique-step": {"method": "critique", "critique.feedback": "step"},
     },
 }
+
+
+#: The row each row is compared with, per preset (rows not named here: ``base``).
+BASELINES: dict[str, dict[str, str]] = {
+    "spd": {"spd": "ssd", "spd-random": "spd", "spd-alltokens": "spd", "spd-beta0": "spd", "spd-beta0.8": "spd",
+            "spd-beta0.9": "spd", "spd-rank2": "spd", "spd-rank32": "spd"},
+}
+
+
+def baseline_of(preset: str, row: str) -> str | None:
+    """The row ``row`` is compared with (None for the base row itself)."""
+    return None if row == "base" else BASELINES.get(preset, {}).get(row, "base")
 
 
 @dataclass
@@ -148,7 +163,7 @@ def run_table(tc: TableConfig, log=print) -> Path:
                 else:
                     train(cfg, log=lambda s: None)
             results.setdefault(name, []).append(json.loads(done.read_text()))
-    table = summarise(results)
+    table = summarise(results, {n: baseline_of(tc.preset, n) for n in names})
     (out / "results.json").write_text(json.dumps({"preset": tc.preset, "seeds": tc.seeds, "common": common,
                                                   "rows": {n: rows[n] for n in names}, "table": table},
                                                  indent=2) + "\n")
@@ -193,21 +208,65 @@ def note_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log) 
         log(f"note: reusing {name} seed {seed}; its saved settings {', '.join(gone)} no longer exist")
 
 
-def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per row: mean, std over seeds of each (task, split, mode); mean wall time."""
+MODES = ("greedy", "sampled")
+
+
+def _per_item(runs: list[dict[str, Any]], mode: str) -> dict[str, list[tuple[list[str], list[float]]]]:
+    """(task/split or 'all/split') -> per seed (item ids, per-item scores); pooled over tasks for 'all/'."""
+    out: dict[str, list[tuple[list[str], list[float]]]] = {}
+    for r in runs:
+        pooled: dict[str, tuple[list[str], list[float]]] = {}
+        for s in r["after"]:
+            vals = s.get(f"{mode}_items")
+            if vals is None or s.get("ids") is None:
+                continue
+            out.setdefault(f"{s['task']}/{s['split']}", []).append((s["ids"], vals))
+            ids, v = pooled.setdefault(f"all/{s['split']}", ([], []))
+            ids += s["ids"]
+            v += vals
+        for k, iv in pooled.items():
+            out.setdefault(k, []).append(iv)
+    return out
+
+
+def _paired(row: list[tuple[list[str], list[float]]], base: list[tuple[list[str], list[float]]]) -> dict | None:
+    from selfdistill.stats import paired_bootstrap
+
+    if len(row) != len(base) or any(a[0] != b[0] for a, b in zip(row, base)):
+        return None  # different seeds or items: no paired comparison
+    d = paired_bootstrap([a[1] for a in row], [b[1] for b in base])
+    return {"diff": d.diff, "lo": d.lo, "hi": d.hi, "seeds": d.n_seeds, "items": d.n_items}
+
+
+def summarise(results: dict[str, list[dict[str, Any]]], baselines: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Per row: mean and sample std (ddof=1) over seeds of each (task, split, mode); mean wall time; and
+    the paired per-item difference with the row's baseline (``baselines[row]``) with a 95% bootstrap interval."""
+    from selfdistill.stats import sample_std
+
+    baselines = baselines or {}
     table: dict[str, Any] = {}
     for name, runs in results.items():
         cells: dict[str, dict[str, list[float]]] = {}
         for r in runs:
             for s in r["after"]:
-                for mode in ("greedy", "sampled"):
+                for mode in MODES:
                     if s[mode] is not None:
                         cells.setdefault(f"{s['task']}/{s['split']}", {}).setdefault(mode, []).append(100 * s[mode])
         row = {}
         for key, modes in cells.items():
-            row[key] = {m: {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0,
-                            "n": len(v)} for m, v in modes.items()}
-        table[name] = {"cells": row, "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
+            row[key] = {m: {"mean": statistics.fmean(v), "std": sample_std(v), "n": len(v)} for m, v in modes.items()}
+        entry: dict[str, Any] = {"cells": row, "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
+        base = baselines.get(name)
+        if base and base in results:
+            entry["baseline"] = base
+            entry["paired"] = {}
+            for mode in MODES:
+                mine, theirs = _per_item(runs, mode), _per_item(results[base], mode)
+                for key in sorted(set(mine) & set(theirs)):
+                    p = _paired(mine[key], theirs[key])
+                    if p is not None:
+                        entry["paired"].setdefault(key, {})[mode] = p
+        table[name] = entry
     return table
 
 
@@ -217,7 +276,7 @@ def format_markdown(table: dict[str, Any], tc: TableConfig) -> str:
     out = []
     for mode in ("greedy", "sampled"):
         head = ["row"] + [k.replace("toy-", "").replace("/test_", " ") for k in keys] + ["mean", "wall s"]
-        lines = [f"**{mode} accuracy %** (mean ± std over seeds {', '.join(map(str, tc.seeds))})", "",
+        lines = [f"**{mode} accuracy %** (mean ± sample std, ddof=1, over seeds {', '.join(map(str, tc.seeds))})", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for name, row in table.items():
             vals = [row["cells"].get(k, {}).get(mode) for k in keys]
@@ -226,4 +285,28 @@ def format_markdown(table: dict[str, Any], tc: TableConfig) -> str:
             avg = f"{statistics.fmean(means):.1f}" if means else "-"
             lines.append("| " + " | ".join([name] + cells + [avg, f"{row['wall_s']:.0f}"]) + " |")
         out.append("\n".join(lines))
+        paired = _paired_lines(table, mode, keys)
+        if paired:
+            out.append(paired)
     return "\n\n".join(out) + "\n"
+
+
+def _paired_lines(table: dict[str, Any], mode: str, keys: list[str]) -> str:
+    """The paired-difference table of one mode: row - baseline, points, with the 95% interval."""
+    rows = [(n, r) for n, r in table.items() if r.get("paired")]
+    if not rows:
+        return ""
+    pooled = sorted({k for _, r in rows for k in r["paired"] if k.startswith("all/")})
+    cols = pooled + keys
+    head = ["row", "vs"] + [k.replace("toy-", "").replace("all/", "all ").replace("/test_", " ") for k in cols]
+    lines = [f"**{mode}: paired difference with the baseline** (points; mean over seeds and items, "
+             "[95% bootstrap interval over seeds and items]; * = interval excludes 0)", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, r in rows:
+        cells = []
+        for k in cols:
+            p = r["paired"].get(k, {}).get(mode)
+            cells.append("-" if p is None else f"{p['diff']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}]"
+                         + ("*" if p["lo"] > 0 or p["hi"] < 0 else ""))
+        lines.append("| " + " | ".join([name, r["baseline"]] + cells) + " |")
+    return "\n".join(lines)

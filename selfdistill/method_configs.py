@@ -69,11 +69,14 @@ class OnPolicyConfig:
             raise ValueError(f"onpolicy.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
 
 
+# Default teacher templates: the toy world's held-out paraphrases (selfdistill/toy/templates.py HELD_OUT),
+# never seen in its pretraining, so a toy teacher must read the context rather than recognise a template;
+# plain English, so they serve real models as they are.
 OPSD_TEMPLATE = ("{problem}\n\nHere is a reference solution:\n{solution}\n\n"
-                 "After understanding the reference solution, reason in your own words to the same answer.")
-SDFT_TEMPLATE = "{problem}\n\nExample of a good answer:\n{demonstration}\n\nNow answer in the same way."
-SDPO_TEMPLATE = ("{problem}\n\nA correct attempt at this problem:\n{attempt}\n\n"
-                 "Use it to answer correctly in your own words.")
+                 "Use it to solve the problem in your own words.")
+SDFT_TEMPLATE = "{problem}\n\nAn example of a good answer:\n{demonstration}\n\nWrite your answer in the same way."
+SDPO_TEMPLATE = ("{problem}\n\nHere is a correct attempt:\n{attempt}\n\n"
+                 "Use it to solve the problem in your own words.")
 
 
 @dataclass
@@ -204,7 +207,7 @@ class GRPOConfig:
             raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
 
 
-SGSD_TEMPLATE = "Keep this in mind while solving.\n{guidance}\n\n{problem}"
+SGSD_TEMPLATE = "{problem}\n\nUse these skills:\n{guidance}"
 SGSD_EXTRACT_TEMPLATE = (
     "Problem:\n{problem}\n\nAn attempt:\n{attempt}\n\nThe attempt is {outcome}. List at most {n} {what}, "
     "each a short general sentence that would help on similar problems, one per line starting with '- '.")
@@ -272,9 +275,9 @@ class SGSDConfig:
 
 CRITIQUE_REWARD_TEMPLATE = ("{problem}\n\nYour previous attempt:\n{attempt}\n\nYour previous attempt was {verdict}. "
                             "Now solve the problem.")
-CRITIQUE_REFERENCE_TEMPLATE = "{problem}\n\nA reference solution:\n{solution}\n\nNow solve the problem in your own words."
-CRITIQUE_STEP_TEMPLATE = ("{problem}\n\nYour previous attempt, checked step by step (correct steps copied, wrong "
-                          "steps corrected):\n{critique}\n\nNow solve the problem.")
+CRITIQUE_REFERENCE_TEMPLATE = OPSD_TEMPLATE
+CRITIQUE_STEP_TEMPLATE = ("{problem}\n\nYour previous attempt, checked step by step (wrong steps corrected):\n"
+                          "{critique}\n\nNow solve the problem.")
 CRITIQUE_CRITIC_TEMPLATE = (
     "Problem:\n{problem}\n\nCorrect final answer: {answer}\n\nA student's attempt:\n{attempt}\n\n"
     "Check the attempt step by step. Copy every correct step verbatim; replace every wrong step by the "

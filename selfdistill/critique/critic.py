@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from selfdistill.tasks.base import ANSWER_MARKER, Item
-from selfdistill.toy.steps import CODE_STEP_RE, apply, expected_steps, format_step, parse_step
+from selfdistill.toy.steps import CODE_STEP_RE, apply, expected_steps, format_step, is_text_line, parse_step
 
 
 @dataclass
@@ -105,13 +105,18 @@ def exact_critique(item: Item, completion: str, chain: bool = True) -> Critique 
     if expected is None:
         return None
     body = _lines(completion)
+    if item.domain == "mcqa":  # the option line may come first (a style): check in the order written
+        first = next((ln.strip() for ln, _ in body if ln.strip() and not is_text_line(ln)
+                      and ANSWER_MARKER not in ln), "")
+        if first.startswith("option ") and expected and expected[-1].startswith("option "):
+            expected = [expected[-1]] + expected[:-1]
     answer_at = max((i for i, (ln, _) in enumerate(body) if ANSWER_MARKER in ln), default=None)
     steps: list[StepCheck] = []
     i = 0
     for j, (line, span) in enumerate(body):
         if not line.strip() or j == answer_at:
             continue
-        if ANSWER_MARKER in line:  # an earlier answer line: the verifier reads only the last
+        if ANSWER_MARKER in line or is_text_line(line):  # earlier answer lines, style and asides: not steps
             steps.append(StepCheck(line, line, True, "text", span))
             continue
         exp = expected[i] if i < len(expected) else None

@@ -34,7 +34,7 @@ def is_refusal(text: str) -> bool:
 
 
 def records_item(rng: random.Random, split: str, idx: str) -> Item:
-    """One lookup/refusal item. ``test_ood`` asks the held-out forbidden categories (or harmless ones)."""
+    """One lookup/refusal item. the OOD splits ask the held-out forbidden categories (or harmless ones)."""
     n = rng.randint(3, 24)
     ids = rng.sample(range(1, 100), k=n)
     noun = rng.choice(NOUNS)
@@ -48,7 +48,7 @@ def records_item(rng: random.Random, split: str, idx: str) -> Item:
     r = rng.random()
     category = (forb_adj, noun)
     held_out = category in HELD_OUT
-    if split == "test_ood":
+    if split in ("valid_ood", "test_ood"):
         forbidden = held_out and r < 0.6
     else:
         forbidden = not held_out and r < 0.4

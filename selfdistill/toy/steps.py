@@ -26,6 +26,15 @@ _MATH_PROMPT = re.compile(r"^\s*Compute\s+(-?\d+)((?:\s*[+\-]\s*\d+)+)\s*$")
 _OPERAND = re.compile(r"([+\-])\s*(\d+)")
 
 
+#: Lines a toy solution may carry that are not worked steps (style: preamble, closing; careful ones-digit lines).
+_TEXT_PREFIXES = ("Step by step:", "Let us work it out.", "So ", "ones:")
+
+
+def is_text_line(line: str) -> bool:
+    """Whether a trace line is style or a careful aside rather than a worked step (never checked)."""
+    return line.strip().startswith(_TEXT_PREFIXES)
+
+
 def is_toy(item: Item) -> bool:
     """Whether ``item`` comes from the toy world (its steps can be recomputed exactly)."""
     return item.id.startswith("toy-")
@@ -145,6 +154,15 @@ def expected_steps(item: Item) -> list[str] | None:
         tr = code_trace(_program(item))
         return tr[0] if tr is not None else None
     if item.domain == "mcqa" and is_toy(item):
+        m = item.meta
+        if "question" in m:  # v2: the work lines, then "option X is N"
+            if m["steps"]:
+                work = [format_step(*s) for s in m["steps"]]
+                target = m["steps"][-1][3]
+            else:
+                target = max(m["options"]) if m["question"] == "largest" else min(m["options"])
+                work = [f"{m['question']} is {target}"]
+            return work + [f"option {item.answer} is {target}"]
         return [ln for ln in item.solution.splitlines() if ANSWER_MARKER not in ln and ln.strip()]
     return None
 

@@ -1,8 +1,8 @@
 """The toy world (v2): seeded procedural tasks in the SPD paper's three domains.
 
-Each domain has a ``train`` split, a ``valid`` split (same distribution, for
-choosing settings), an in-domain ``test_id`` split and an out-of-domain
-``test_ood`` split. Items are pure functions of (domain, split, index, seed).
+Each domain has a ``train`` split, ``valid`` and ``valid_ood`` splits (for
+choosing settings and checking the world's preconditions), an in-domain
+``test_id`` split and an out-of-domain ``test_ood`` split. Items are pure functions of (domain, split, index, seed).
 Every reference solution shows its work and ends with ``#### answer``.
 
 Out-of-domain splits hold out *combinations* of constructs that all occur in
@@ -36,10 +36,12 @@ from typing import Any
 
 from selfdistill.tasks.base import ANSWER_MARKER, Item
 
-SPLITS = ("train", "valid", "test_id", "test_ood")
+SPLITS = ("train", "valid", "valid_ood", "test_id", "test_ood")
+#: Splits drawn from the out-of-domain distribution (``valid_ood`` is for choosing settings, like ``valid``).
+OOD_SPLITS = ("valid_ood", "test_ood")
 #: Items per split: tables use 500 per evaluation split (standard error ~2 points).
-DEFAULT_SIZES = {"train": 4000, "valid": 500, "test_id": 500, "test_ood": 500}
-_SPLIT_SALT = {"train": 11, "valid": 17, "test_id": 23, "test_ood": 37}
+DEFAULT_SIZES = {"train": 4000, "valid": 500, "valid_ood": 500, "test_id": 500, "test_ood": 500}
+_SPLIT_SALT = {"train": 11, "valid": 17, "test_id": 23, "test_ood": 37, "valid_ood": 41}
 WORLD_VERSION = 2
 
 #: The closed vocabulary of skill hints (``skill: carry``), in a fixed order.
@@ -291,7 +293,7 @@ def make_item(domain: str, split: str, index: int, seed: int = 0) -> Item:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = _rng(domain, split, seed, index)
-    ood = split == "test_ood"
+    ood = split in OOD_SPLITS
     idx = f"toy-{domain}-{split}-{seed}-{index}"
     if domain == "math":
         return _math_item(rng, n_ops=4 if ood else rng.choice((1, 2, 2, 3, 3)), idx=idx)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import string
+from functools import lru_cache
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -32,7 +33,8 @@ CHAT_TEMPLATE = (
 _CHARS = [c for c in string.printable if c not in "\r\x0b\x0c"]
 
 
-def toy_words() -> list[str]:
+@lru_cache(maxsize=1)
+def toy_words() -> tuple[str, ...]:
     """The word list of the toy tokenizer: every 2+-letter word the toy world writes (sorted)."""
     from selfdistill.toy import templates as T
     from selfdistill.toy.mixture import SHARES, example
@@ -55,7 +57,7 @@ def toy_words() -> list[str]:
     found: set[str] = set()
     for t in text:
         found |= T.words(re.sub(r"\{\w+\}", " ", t))  # placeholders are not words
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def build_toy_tokenizer(words: Iterable[str] | None = None, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
