@@ -247,6 +247,9 @@ class SGSDConfig:
     weight_temperature: float = field(default=1.0, metadata={
         "help": "Teacher weights = softmax(mean retrieval score / this)."})
     template: str = field(default=SGSD_TEMPLATE, metadata={"help": "Teacher prompt; {guidance}, {problem}."})
+    guidance: Literal["auto", "sentences", "tags"] = field(default="auto", metadata={
+        "help": "How a teacher's (skill, mistake) pair is written: sentences; tags = the toy world's closed "
+                "vocabulary ('skill: carry' lines, as its pretraining has them); auto = tags for toy items."})
     tau: float = field(default=1.0, metadata={"help": "tau of l = log 2 - softplus(-delta^2 / (2 tau))."})
     delta_clip: float = field(default=3.0, metadata={"help": "Support = mean clip(delta, -c, c)."})
     support_threshold: float = field(default=0.05, metadata={"help": "|support| at or below this: sign 0."})

@@ -83,6 +83,20 @@ def test_rule_extractor_on_toy_math():
     assert any("every operation" in c.text for c in lost) and any("####" in c.text for c in lost)
 
 
+def test_guidance_in_the_toy_worlds_closed_vocabulary():
+    it = _item("Compute 12+49-5", "56")
+    skill = RuleExtractor(3).one(Trajectory(it, "12+49=61\n61-5=56\n#### 56", True))[0]
+    mistake = RuleExtractor(3).one(Trajectory(it, "12+49=63\n63-5=58\n#### 58", False))[0]
+    from selfdistill.sgsd.skills import Entry, TeacherSpec
+
+    spec = TeacherSpec(Entry(skill.text, "skill", "math", skill.keys), Entry(mistake.text, "mistake", "math",
+                                                                              mistake.keys), 1.0, 1.0)
+    assert spec.guidance("tags") == "skill: carry"  # both are about the carry: one line
+    assert "Useful skill:" in spec.guidance() and "carry" in spec.guidance()
+    assert TeacherSpec(Entry("Write one step per line.", "skill", "math", ["math", "steps"]), None, 1.0,
+                       1.0).guidance("tags") == ""
+
+
 def test_bank_merge_dedup_capacity_and_json(tmp_path):
     bank = SkillBank()
     c = lambda text, kind="skill": Candidate(text, kind, "math", ["math"])  # noqa: E731
@@ -114,7 +128,7 @@ def test_retrieval_is_deterministic_and_weights_are_softmax():
     bank = SkillBank()
     bank.add([c for cs in ex(trajs) for c in cs])
     assert bank.skills and bank.mistakes
-    it = make_item("math", "valid", 3)  # Compute 89+3-4: a carry, then a borrow
+    it = make_item("math", "valid", 10)  # Compute 38+2-2-15: a carry, then a borrow
     pool = teacher_pool(bank, it, 8, TfidfSimilarity())
     assert pool == teacher_pool(bank, it, 8, TfidfSimilarity())
     assert 1 <= len(pool) <= 8

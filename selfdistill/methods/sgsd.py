@@ -28,6 +28,7 @@ from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, ma
 from selfdistill.sgsd import (AutoExtractor, ModelExtractor, RuleExtractor, SkillBank, Trajectory, build_skill_bank,
                               make_similarity, teacher_pool)
 from selfdistill.tasks.base import Item
+from selfdistill.toy.steps import is_toy
 
 
 def _fill(template: str, **kw: str) -> str:
@@ -135,6 +136,11 @@ class SGSD(OnPolicyMethod):
         return added
 
     # -- the batch: one row per (rollout, teacher)
+    def _form(self, item: Item) -> str:
+        """How guidance is written for ``item`` (``sgsd.guidance``; auto = tags for toy items)."""
+        g = self.ctx.cfg.sgsd.guidance
+        return ("tags" if is_toy(item) else "sentences") if g == "auto" else g
+
     def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
         ctx, cfg = self.ctx, self.ctx.cfg.sgsd
         t0 = time.perf_counter()
@@ -153,7 +159,8 @@ class SGSD(OnPolicyMethod):
             pool = pools[g.item.id]
             for r in g.rewards:
                 for t in pool:
-                    rows.append((b, _fill(cfg.template, guidance=t.guidance(), problem=g.item.prompt), t.weight, r))
+                    rows.append((b, _fill(cfg.template, guidance=t.guidance(self._form(g.item)), problem=g.item.prompt),
+                                 t.weight, r))
                 if not pool:  # no teacher: a placeholder row of weight 0 keeps the batch well formed
                     rows.append((b, g.item.prompt, 0.0, r))
                 b += 1

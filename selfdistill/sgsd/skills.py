@@ -48,6 +48,14 @@ class Entry:
         """What retrieval compares a problem with."""
         return " ".join([self.text, *self.keys])
 
+    def tag(self) -> str | None:
+        """The toy world's closed-vocabulary skill (``carry``, ``borrow``, ...) this entry is about, if any."""
+        return next((TOY_TAGS[k] for k in self.keys if k in TOY_TAGS), None)
+
+
+#: Rule features -> the toy world's skill vocabulary (``skill: carry`` lines, as its pretraining writes them).
+TOY_TAGS = {"add_carry": "carry", "sub_borrow": "borrow", "mul": "times", "if": "branch", "largest": "compare"}
+
 
 @dataclass
 class Candidate:
@@ -449,7 +457,11 @@ class TeacherSpec:
     score: float
     weight: float
 
-    def guidance(self) -> str:
+    def guidance(self, form: str = "sentences") -> str:
+        """The teacher's guidance text: sentences, or (``form="tags"``) the toy world's ``skill: X`` lines."""
+        if form == "tags":
+            tags = [e.tag() for e in (self.skill, self.mistake) if e is not None]
+            return "\n".join(f"skill: {t}" for t in dict.fromkeys(t for t in tags if t))
         lines = []
         if self.skill is not None:
             lines.append(f"Useful skill: {self.skill.text}")
