@@ -56,9 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     pre = tsub.add_parser("pretrain", help="Pretrain the toy model from a seed.")
     pre.add_argument("--out", default="", help="Output folder (default: the embedded model folder).")
     add_flags(pre, PretrainConfig)
+    from selfdistill.toy.check import CheckConfig
+
+    chk = tsub.add_parser("check", help="Measure the preconditions each method relies on (exit 1 if any fails).")
+    add_flags(chk, CheckConfig)
     show = tsub.add_parser("show", help="Print a few toy items.")
-    show.add_argument("--domain", default="math", choices=["math", "code", "mcqa"])
-    show.add_argument("--split", default="train", choices=["train", "valid", "test_id", "test_ood"])
+    show.add_argument("--domain", default="math", choices=["math", "code", "mcqa", "records"])
+    show.add_argument("--split", default="train", choices=["train", "valid", "valid_ood", "test_id", "test_ood"])
     show.add_argument("--n", type=int, default=3)
 
     from selfdistill.experiments import TableConfig
@@ -156,6 +160,14 @@ def cmd_toy(ns: argparse.Namespace) -> int:
             it = make_item(ns.domain, ns.split, i)
             print(f"--- {it.id}\n[prompt]\n{it.prompt}\n[solution]\n{it.solution}\n[answer] {it.answer}")
         return 0
+    if ns.toy_command == "check":
+        from selfdistill.toy.check import CheckConfig, check, failed
+
+        rows = check(build(CheckConfig, None, _dotted(ns, CheckConfig)))
+        bad = failed(rows)
+        print(f"{len(bad)} of {sum(r.ok is not None for r in rows)} preconditions fail"
+              + (": " + "; ".join(r.name for r in bad) if bad else ""))
+        return 1 if bad else 0
     from selfdistill.toy.pretrain import DEFAULT_MODEL_DIR, PretrainConfig, pretrain
 
     cfg = build(PretrainConfig, None, _dotted(ns, PretrainConfig))
