@@ -308,7 +308,17 @@ def _install_fake_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
         reason: str
         wall_s: float
 
-    def run_python(code: str, *, stdin: str | None = None, timeout_s: float = 2.0, memory_mb: int = 256, **_: Any) -> Result:
+    def run_python(
+        code: str,
+        *,
+        tests: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float = 2.0,
+        memory_mb: int = 256,
+        **_: Any,
+    ) -> Result:
+        if tests is not None:
+            code = code + "\n" + tests
         try:
             p = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -339,3 +339,73 @@ def test_isolation_layers_reported():
     assert "session" in layers and "rlimits" in layers and "audit-hook" in layers
     if os.geteuid() == 0:  # the uid layer, or the note that it had to be skipped
         assert "uid" in layers or "uid-skipped" in layers
+
+
+# ------------------------------------------- tests that must run to their end
+
+ADD_TESTS = "assert add(1, 2) == 3\nassert add(0, 0) == 0\n"
+RIGHT_ADD = "def add(a, b):\n    return a + b\n"
+WRONG_ADD = "def add(a, b):\n    return a - b\n"
+# Reaching the witness's own channels, as a program that has read this harness would.
+_DONE_CELLS = (
+    "done = __selfdistill_tests_done__\n"
+    "    cells = dict(zip(done.__code__.co_freevars, [c.cell_contents for c in done.__closure__]))\n"
+)
+
+
+def test_tests_pass_only_when_run_to_their_end():
+    res = run_python(RIGHT_ADD + "print('hi')", tests=ADD_TESTS)
+    assert res.ok and res.reason == "ok" and res.returncode == 0 and res.stdout == "hi\n"
+    res = run_python(WRONG_ADD, tests=ADD_TESTS)
+    _contained(res, "error")
+    assert "AssertionError" in res.stderr and 'File "tests.py", line 1' in res.stderr
+    # Threads and atexit handlers left by an honest program do not spoil its pass.
+    extras = (
+        "import atexit, threading, time\natexit.register(print, 'bye')\n"
+        "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+    )
+    res = run_python(RIGHT_ADD + extras, tests=ADD_TESTS, timeout_s=5)
+    assert res.ok, res
+    assert run_python("print(1)").reason == "ok"  # no tests: exit status alone, as before
+
+
+@pytest.mark.parametrize(
+    "trick, reason",
+    [
+        ("import sys\nsys.exit(0)", "incomplete"),
+        ("exit()", "incomplete"),
+        ("raise SystemExit(0)", "incomplete"),
+        ("import os\nos._exit(0)", "incomplete"),
+        ("def add(a, b):\n    raise SystemExit(0)", "incomplete"),  # from inside the tests
+        ("import os, signal\nsignal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
+         "os.kill(os.getpid(), signal.SIGTERM)", "incomplete"),
+        # after the tests failed (a right answer passes: its tests ended first)
+        ("import atexit, os\natexit.register(os._exit, 0)", "incomplete"),
+        ("import os, threading, time\n"
+         "threading.Thread(target=lambda: (time.sleep(0.3), os._exit(0))).start()", "incomplete"),
+        ("import os, signal\nos.killpg(os.getpgid(0), signal.SIGKILL)", "forbidden"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed"),
+        ("import os\nfor fd in range(3, 64):\n    try:\n        os.pwrite(fd, b'x' * 32, 0)\n"
+         "    except OSError:\n        pass\nos._exit(0)", "incomplete"),
+        # the harness's last call, made early (from the first assert), then out
+        ("def add(a, b):\n    import os\n    __selfdistill_tests_done__()\n    os._exit(0)", "incomplete"),
+        # the tests' real frame handed to the witness before their last line
+        ("def add(a, b):\n    import os, sys\n    " + _DONE_CELLS + "    cells['box'].append(sys._getframe(1))\n"
+         "    cells['go'].release()\n    cells['ack'].acquire()\n    os._exit(0)", "incomplete"),
+        # where the nonce lives: other threads' frames, the process's memory, audit hooks
+        ("import sys\nsys._current_frames()", "forbidden"),
+        ("open('/proc/self/mem', 'rb')", "forbidden"),
+        ("import os\nos.open('mem', os.O_RDONLY, dir_fd=os.open('/proc/self', os.O_RDONLY))", "forbidden"),
+        ("import os\nos.symlink('/proc/self/mem', 'm')\nopen('m', 'rb')", "forbidden"),
+        ("import sys\nsys.addaudithook(lambda *a: None)", "forbidden"),
+    ],
+)
+def test_early_exit_never_passes(trick, reason):
+    """Every way out before the tests' end fails, whatever its exit status (a right answer too)."""
+    res = run_python(WRONG_ADD + trick, tests=ADD_TESTS, timeout_s=5)
+    _contained(res, reason)
+    res = run_python(RIGHT_ADD + trick, tests=ADD_TESTS, timeout_s=5)
+    if "atexit" in trick or "Thread" in trick:
+        assert res.ok, res
+    else:
+        _contained(res, reason)

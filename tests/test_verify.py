@@ -40,8 +40,18 @@ class FakeResult:
     wall_s: float
 
 
-def fake_run_python(code: str, *, stdin: str | None = None, timeout_s: float = 2.0, memory_mb: int = 256, **_: object) -> FakeResult:
-    """Same signature as sandbox.run_python; a plain subprocess, no isolation."""
+def fake_run_python(
+    code: str,
+    *,
+    tests: str | None = None,
+    stdin: str | None = None,
+    timeout_s: float = 2.0,
+    memory_mb: int = 256,
+    **_: object,
+) -> FakeResult:
+    """Same signature as sandbox.run_python; a plain subprocess, no isolation (tests simply appended)."""
+    if tests is not None:
+        code = code + "\n" + tests
     t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, text=True, timeout=timeout_s)
@@ -289,6 +299,51 @@ def test_verify_code_real_sandbox() -> None:
     assert verify_code(MBPP, "def add(a, b):\n    return a + b") is True
     assert verify_code(MBPP, "def add(a, b):\n    return a * b") is False
     assert verify_code(HUMANEVAL, "    return sum(xs)\n") is True
+
+
+RIGHT = {"add": "def add(a, b):\n    return a + b\n", "total": "def total(xs):\n    return sum(xs)\n"}
+WRONG = {"add": "def add(a, b):\n    return a - b\n", "total": "def total(xs):\n    return len(xs)\n"}
+# Ways to end a wrong program early with status 0 (or to dodge its tests); ENTRY is the function's name.
+EARLY_EXITS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "exit()": "exit()",
+    "quit()": "quit()",
+    "raise SystemExit": "raise SystemExit",
+    "raise SystemExit(0)": "raise SystemExit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "exit inside the function": "def ENTRY(*args):\n    raise SystemExit(0)",
+    "os._exit inside the function": "def ENTRY(*args):\n    import os\n    os._exit(0)",
+    "kill own process group": "import os, signal\nos.killpg(os.getpgid(0), signal.SIGKILL)",
+    "kill own process": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "SIGTERM handler exits 0": "import os, signal\nsignal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
+    "os.kill(os.getpid(), signal.SIGTERM)",
+    "thread exits 0 once the runner fails": "import os, threading, time\n"
+    "threading.Thread(target=lambda: (time.sleep(0.3), os._exit(0))).start()",
+    "atexit os._exit(0)": "import atexit, os\natexit.register(os._exit, 0)",
+    "override print and AssertionError": "import builtins\nbuiltins.print = lambda *a, **k: None\n"
+    "builtins.AssertionError = SystemExit",
+    "monkeypatched check": "def check(candidate):\n    pass\nimport builtins\nbuiltins.check = check",
+    "junk on every descriptor": "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'ok' * 16)\n"
+    "    except OSError:\n        pass\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("item", [MBPP, HUMANEVAL], ids=["mbpp", "humaneval"])
+def test_verify_code_honest_pass_and_fail(item: Item) -> None:
+    pytest.importorskip("selfdistill.tasks.sandbox")
+    entry = item.meta["entry_point"]
+    assert verify_code(item, RIGHT[entry]) is True
+    assert verify_code(item, WRONG[entry]) is False
+
+
+@pytest.mark.parametrize("trick", list(EARLY_EXITS))
+@pytest.mark.parametrize("item", [MBPP, HUMANEVAL], ids=["mbpp", "humaneval"])
+def test_verify_code_early_exit_is_wrong(item: Item, trick: str) -> None:
+    """A pass means the tests ran to their end: no early exit with status 0 is scored correct."""
+    pytest.importorskip("selfdistill.tasks.sandbox")
+    entry = item.meta["entry_point"]
+    completion = "```python\n" + WRONG[entry] + EARLY_EXITS[trick].replace("ENTRY", entry) + "\n```"
+    assert verify_code(item, completion) is False
 
 
 # ---------------------------------------------------------------- dispatch

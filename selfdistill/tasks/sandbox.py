@@ -47,7 +47,26 @@ creation (fork, exec, spawn, system, subprocess), signals to other processes,
 sockets other than local socket pairs, ctypes, rlimit changes, tracing and
 ``gc`` introspection, and any write, create, remove, rename or chmod of a
 path outside the working folder (symlinks resolved).  Reads stay allowed, so
-imports work.  :func:`isolation_layers` reports what holds on this machine.
+imports work, except of a process's memory (``/proc/<pid>/mem``).
+:func:`isolation_layers` reports what holds on this machine.
+
+Tests that must run to their end (``run_python(code, tests=...)``, what code
+verifiers use): the program runs first, in the same process, so its exit
+status proves nothing (``sys.exit(0)``, ``os._exit(0)``, a signal handler, an
+atexit hook or a thread can all end a failing run with 0).  The parent makes
+a random nonce per run and hands it through a pipe to a witness thread,
+which reads it before the program starts; the tests are compiled apart with a
+last line that hands their frame to the witness, and the witness writes the
+nonce to a file only the parent reads iff that frame is the tests' own, run
+directly by the harness and standing on that line.  A run is ``ok`` only with
+status 0 and that exact nonce, else ``"incomplete"``.  The nonce never sits in
+the program's thread, argv, environment or files; the hook refuses the ways to
+other threads' frames (``sys._current_frames``), to the process's memory and
+to new audit hooks.  Limitation: like the hook, this is a tripwire against
+code that targets this harness (e.g. a program that crafts bytecode, or gets
+its own code run on the witness thread through a garbage-collector callback,
+could still read the nonce); it does not judge what the tests compare (an
+object whose ``__eq__`` is always true, a patched ``math.isclose``).
 
 Limitations: without root only the rlimits, the session and the hook apply
 (a program that defeats the hook could then signal same-uid processes or
@@ -62,6 +81,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import secrets
 import selectors
 import signal
 import stat
@@ -93,6 +113,7 @@ REASONS = (
     "output_limit",  # stdout or stderr exceeded max_output_bytes
     "forbidden",  # the audit hook stopped a forbidden action
     "sandbox_error",  # the sandbox itself could not run the program
+    "incomplete",  # exited 0 but its tests did not run to their end (run_python(tests=...))
 )
 
 # Exit codes the prelude uses to tell the parent what happened.
@@ -144,6 +165,10 @@ def _sandbox_main():
         report = os.open(cfg["report"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if cfg["report"] else -1
         with open(cfg["code"], "rb") as f:
             src = f.read()
+        tests = None
+        if cfg["tests"]:
+            with open(cfg["tests"], "rb") as f:
+                tests = f.read()
         work = cfg["work"]
         uid, gid = cfg["uid"], cfg["gid"]
         libc = None
@@ -172,7 +197,7 @@ def _sandbox_main():
         os._exit(cfg["exits"][0])
     import gc
     gc.collect()
-    _run(src, cfg["exits"][1])
+    _run(src, cfg["exits"][1], tests, cfg["witness"])
 
 
 def _namespaces(libc, cfg, layers):
@@ -325,6 +350,8 @@ def _install_hook(work, forbidden_exit):
         "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags",
         # ways to reach or rewrite the hook itself
         "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        # ways to reach the tests' witness thread (and the nonce it keeps)
+        "sys._current_frames", "sys.addaudithook",
     ))
     # event -> ((index of a path argument, index of its dir_fd argument or None), ...),
     #          and whether a path may be a file descriptor
@@ -410,6 +437,23 @@ def _install_hook(work, forbidden_exit):
             return False
         return r == work or r.startswith(prefix)
 
+    def memory_file(path):
+        """Whether an open names a process's memory (/proc/<pid>/mem): reading it would expose the harness.
+
+        Relative names count by their last part too (os.open hides its dir_fd from the hook).
+        """
+        p = text(path)
+        if p is None:
+            return False
+        if p == "mem" or p.endswith("/mem"):
+            return True
+        if p.startswith("/") and not p.startswith(prefix) and not p.startswith(("/proc/", "/dev/")):
+            return False  # imports and other reads: no symlink of the program's can be there
+        try:
+            return resolve(p).endswith("/mem")
+        except (OSError, ValueError):
+            return True
+
     def hook(event, args):
         if event in deny:
             stop(event)
@@ -425,6 +469,8 @@ def _install_hook(work, forbidden_exit):
                     stop(event, repr(p))
                 if not inside(path, True):
                     stop(event, repr(p))
+            elif memory_file(path):
+                stop(event, repr(text(path)))
             return
         spec = paths.get(event)
         if spec is not None:
@@ -474,10 +520,16 @@ def _install_hook(work, forbidden_exit):
             setattr(mod, name, blocked(mod.__name__ + "." + name))
 
 
-def _run(src, memory_exit):
-    """Compile and run the program as a fresh __main__ module."""
+def _run(src, memory_exit, tests=None, fds=None):
+    """Compile and run the program as a fresh __main__ module, then its tests if any.
+
+    After tests that return, the run ends at once with status 0 (the program's
+    atexit handlers and leftover threads never run); whether the tests passed
+    is told to the parent by the witness alone (see _witnessed).
+    """
     import sys, os, types, linecache, builtins
     name = "solution.py"
+    run, end = exec, os._exit  # bound before the program can replace them
 
     def exit(code=None):
         """exit()/quit() as the site module would define them (-S skips site)."""
@@ -491,8 +543,17 @@ def _run(src, memory_exit):
         text = src.decode("utf-8", "replace")
         linecache.cache[name] = (len(text), None, text.splitlines(True), name)
         code = compile(src, name, "exec", dont_inherit=True)
-        del src, text
-        exec(code, main.__dict__)
+        checks = None if tests is None else _witnessed(tests, fds, main.__dict__, sys._getframe())
+        del src, text, tests
+        run(code, main.__dict__)
+        if checks is not None:
+            run(checks, main.__dict__)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            end(0)
     except SystemExit:
         raise
     except BaseException as e:
@@ -512,6 +573,73 @@ def _run(src, memory_exit):
             os._exit(memory_exit)
         raise SystemExit(1)
 
+
+def _witnessed(tests, fds, g, run_frame):
+    """The tests as code whose last statement calls the harness; starts the witness thread.
+
+    A pass must mean the tests ran to their end, yet the program runs first, in
+    this process: it can exit with status 0 (sys.exit, os._exit, a signal
+    handler, atexit, a thread), print anything, and walk this thread's frames.
+    So the parent's per-run nonce is read, before the program runs, by a
+    witness thread (never by this one), which writes it to the marker file only
+    when handed the tests' own frame, run directly by the harness (run_frame)
+    and standing on that last line.  Any other way out leaves the marker
+    empty, and the parent scores the run "incomplete".
+    """
+    import sys, _thread, linecache, posix
+    name = "tests.py"
+    text = tests.decode("utf-8", "replace") + "\n\n__selfdistill_tests_done__()\n"
+    linecache.cache[name] = (len(text), None, text.splitlines(True), name)
+    code = compile(text, name, "exec", dont_inherit=True)
+    last = max(line for _, _, line in code.co_lines() if line is not None)
+    box, locks = [], [_thread.allocate_lock() for _ in range(3)]
+    for lock in locks:
+        lock.acquire()
+    ready, go, ack = locks
+    getframe = sys._getframe
+
+    def done():
+        """Hand the caller's frame (the tests', on their last line) to the witness; wait for it."""
+        box.append(getframe(1))
+        go.release()
+        ack.acquire()
+
+    g["__selfdistill_tests_done__"] = done
+    args = (fds[0], fds[1], ready, go, ack, box, code, run_frame, last,
+            posix.read, posix.close, posix.pwrite, type(run_frame), type, len, BaseException)
+    _thread.stack_size(1 << 18)  # the witness needs little; the default would eat into RLIMIT_AS
+    try:
+        _thread.start_new_thread(_witness, args)
+    finally:
+        _thread.stack_size(0)
+    ready.acquire()  # the nonce is read and its pipe closed before the program runs
+    return code
+
+
+def _witness(nonce_fd, marker_fd, ready, go, ack, box, tests_code, run_frame, last_line,
+             read, close, pwrite, frame_type, type_, len_, base_exc):
+    """Witness thread: write the nonce iff handed the tests' frame on its last line, then stop.
+
+    It looks up no global or builtin (everything is an argument bound before the
+    program ran), checks once (an early hand-over spends it), and never raises.
+    """
+    nonce = b""
+    try:
+        nonce = read(nonce_fd, 64)
+        close(nonce_fd)
+    except base_exc:
+        pass
+    ready.release()
+    go.acquire()
+    try:
+        t = box[0] if len_(box) == 1 else None
+        if (type_(t) is frame_type and t.f_lineno == last_line and t.f_back is run_frame
+                and t.f_code is tests_code and nonce):
+            pwrite(marker_fd, nonce, 0)
+    except base_exc:
+        pass
+    nonce = None
+    ack.release()
 
 _sandbox_main()
 '''
@@ -683,6 +811,7 @@ def _exited(pid: int) -> bool:
 def run_python(
     code: str,
     *,
+    tests: str | None = None,
     stdin: str | None = None,
     timeout_s: float = 2.0,
     memory_mb: int = 256,
@@ -700,11 +829,18 @@ def run_python(
     with reason ``"output_limit"``).  ``_audit_hook`` and ``_report`` are for
     tests (run without the interpreter layer; write the active layers to a
     file).
+
+    ``tests`` (e.g. asserts) run after ``code``, in its namespace; then ``ok``
+    also needs them to have run to their end, which the program cannot fake by
+    exiting early with status 0 (reason ``"incomplete"``): a witness thread
+    writes a per-run nonce to a file only the parent reads, once the tests'
+    last line is reached (see ``_witnessed`` in the prelude).
     """
     start = time.monotonic()
     try:
         return _run_python(
             code,
+            tests=tests,
             stdin=stdin,
             timeout_s=timeout_s,
             memory_mb=memory_mb,
@@ -722,6 +858,7 @@ def run_python(
 def _run_python(
     code: str,
     *,
+    tests: str | None,
     stdin: str | None,
     timeout_s: float,
     memory_mb: int,
@@ -748,6 +885,11 @@ def _run_python(
         fd = os.open(code_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(src)
+        tests_path = None
+        if tests is not None:
+            tests_path = os.path.join(outer, "tests.py")
+            with open(tests_path, "xb") as f:
+                f.write(_encode(tests))
         if uid is not None:
             os.chmod(outer, 0o711)
             os.chown(work, uid, gid)
@@ -767,6 +909,8 @@ def _run_python(
             "report": report,
             "hook": bool(audit_hook),
             "exits": [_SETUP_EXIT, _MEMORY_EXIT, _FORBIDDEN_EXIT],
+            "tests": tests_path,
+            "witness": None,  # with tests: [nonce pipe, marker file], passed to the child
         }
         env = {
             "PATH": "/usr/bin:/bin",
@@ -776,38 +920,69 @@ def _run_python(
             "TMPDIR": work,
             "MALLOC_ARENA_MAX": "2",
         }
-        argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _PRELUDE, _MARKER, repr(cfg)]
-        t0 = time.monotonic()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if data_in is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=outer,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
+        fds: list[int] = []
+        nonce = secrets.token_bytes(32)
         try:
-            # _communicate kills the session and every process of the run's uid.
-            out, err, timed_out, overflow, wall = _communicate(proc, data_in, t0 + timeout_s, cap, uid)
-        except BaseException:
-            _kill_everything(proc.pid, uid)
-            raise
+            if tests is not None:
+                fds.append(_nonce_pipe(nonce))
+                fds.append(os.open(os.path.join(outer, "marker"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                cfg["witness"] = fds
+            argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _PRELUDE, _MARKER, repr(cfg)]
+            return _spawn(argv, env, outer, data_in, timeout_s, cap, uid, fds, nonce)
         finally:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    try:
-                        stream.close()
-                    except OSError:
-                        pass
-        rc = proc.returncode
-        reason = _classify(rc if rc is not None else -signal.SIGKILL, timed_out, overflow)
-        return _result(reason == "ok", out[:cap], err[:cap], rc, reason, wall)
+            for fd in fds:
+                os.close(fd)
+
+
+def _spawn(
+    argv: list[str], env: dict[str, str], outer: str, data_in: bytes | None, timeout_s: float, cap: int,
+    uid: int | None, fds: list[int], nonce: bytes,
+) -> SandboxResult:
+    """Start the child, collect its output and status; with ``fds``, check the tests' marker."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if data_in is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=outer,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+        pass_fds=fds,
+    )
+    try:
+        # _communicate kills the session and every process of the run's uid.
+        out, err, timed_out, overflow, wall = _communicate(proc, data_in, t0 + timeout_s, cap, uid)
+    except BaseException:
+        _kill_everything(proc.pid, uid)
+        raise
+    finally:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+    rc = proc.returncode
+    reason = _classify(rc if rc is not None else -signal.SIGKILL, timed_out, overflow)
+    if fds and reason == "ok" and os.pread(fds[1], 256, 0) != nonce:
+        reason = "incomplete"
+    return _result(reason == "ok", out[:cap], err[:cap], rc, reason, wall)
+
+
+def _nonce_pipe(nonce: bytes) -> int:
+    """The read end of a pipe that holds ``nonce`` (its write end already closed)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, nonce)
+    finally:
+        os.close(w)
+    return r
 
 
 def _communicate(

@@ -280,13 +280,15 @@ def _import_lines(code: str) -> str:
     return "\n".join(lines)
 
 
-def build_program(item: Item, code: str) -> str:
-    """Candidate code plus the item's tests, as one script that fails on a wrong answer.
+def program_and_tests(item: Item, code: str) -> tuple[str, str]:
+    """Candidate code (with the item's setup) and the item's tests, as two scripts.
 
     ``meta['tests']`` is either asserts (MBPP) or a ``def check(candidate)``
     (HumanEval), then called on ``meta['entry_point']``. With a
     ``meta['code_prompt']`` (HumanEval's signature and docstring), a completion
     that does not define the entry point is taken as the body continuing it.
+    Kept apart so that the sandbox can tell tests that ran to their end from a
+    program that exited early (see :func:`verify_code`).
     """
     meta = item.meta
     tests = meta.get("tests")
@@ -299,21 +301,34 @@ def build_program(item: Item, code: str) -> str:
         parts.append(prompt + code)
     else:
         parts += [_import_lines(prompt) if prompt else "", textwrap.dedent(code)]
-    parts.append(tests)
+    checks = [tests]
     if entry and re.search(r"^def\s+check\s*\(", tests, re.MULTILINE):
-        parts.append(f"check({entry})")
-    return "\n\n".join(p for p in parts if p) + "\n"
+        checks.append(f"check({entry})")
+    return "\n\n".join(p for p in parts if p) + "\n", "\n\n".join(checks) + "\n"
+
+
+def build_program(item: Item, code: str) -> str:
+    """Candidate code plus the item's tests, as one script that fails on a wrong answer (for reading)."""
+    program, tests = program_and_tests(item, code)
+    return program + "\n" + tests
 
 
 def verify_code(item: Item, completion: str, timeout_s: float | None = None) -> bool:
-    """Whether the completion's code passes the item's tests in the sandbox."""
+    """Whether the completion's code passes the item's tests in the sandbox.
+
+    A pass means the tests ran to their end: a program that exits early with
+    status 0 (``sys.exit(0)``, ``os._exit(0)``, a signal handler, atexit, a
+    thread) is scored wrong, since the sandbox runs the tests apart and needs
+    their end to be reached (reason ``"incomplete"`` otherwise).
+    """
     from selfdistill.tasks.sandbox import run_python
 
     code = extract_code(completion, item.meta.get("entry_point"))
     if not code:
         return False
     limit = timeout_s if timeout_s is not None else float(item.meta.get("timeout_s", CODE_TIMEOUT_S))
-    return bool(run_python(build_program(item, code), timeout_s=limit).ok)
+    program, tests = program_and_tests(item, code)
+    return bool(run_python(program, tests=tests, timeout_s=limit).ok)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -336,4 +351,10 @@ def verify_item(item: Item, completion: str) -> bool:
         if kind not in OUTPUT_KINDS and (kind in CODEGEN_KINDS or "tests" in item.meta):
             return verify_code(item, completion)
         return verify_output(completion, item.answer)
+    if item.domain == "records":  # toy lookup: a refusal is right on a forbidden request, the value otherwise
+        from selfdistill.toy.records import is_refusal
+
+        if item.meta.get("forbidden"):
+            return is_refusal(completion)
+        return not is_refusal(completion) and verify_output(completion, item.answer)
     raise ValueError(f"item {item.id!r}: unknown domain {item.domain!r}")
