@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import types
@@ -16,6 +17,7 @@ from selfdistill.tasks.loaders import (
     HFTask,
     TaskDataError,
     guess_format,
+    is_local,
     load_hf_task,
     load_jsonl,
     mmlu_item,
@@ -292,6 +294,76 @@ def test_hf_task_on_local_files() -> None:
     assert task.domain == "mcqa" and [it.answer for it in task.items("test_id")] == ["B", "C", "A"]
     with pytest.raises(ValueError, match="pass format="):
         HFTask(str(FIX / "gsm8k.jsonl"))
+
+
+# ---------------------------------------------------------------- gzip, and local files in hf: specs
+
+
+def gz(text: str, path: Path) -> Path:
+    """Write ``text`` gzipped to ``path``."""
+    path.write_bytes(gzip.compress(text.encode("utf-8")))
+    return path
+
+
+def test_gzipped_jsonl_reads_like_plain(tmp_path: Path) -> None:
+    zipped = gz((FIX / "user_qa.jsonl").read_text(), tmp_path / "user_qa.jsonl.gz")
+    assert load_jsonl(zipped, columns=USER_COLUMNS) == load_jsonl(FIX / "user_qa.jsonl", columns=USER_COLUMNS)
+    items = load_jsonl(gz('{"prompt": "1+1?", "answer": "2"}\n', tmp_path / "d.jsonl.gz"))
+    assert [it.id for it in items] == ["d-1"]  # the default id drops both suffixes
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b'{"prompt": "p", "answer": "1"}\n' * 100)[:-12])
+    with pytest.raises(TaskDataError, match=r"cut\.jsonl\.gz, row \d+: not readable as gzip"):
+        load_jsonl(cut)
+
+
+def test_gzipped_json_files_are_local_files(tmp_path: Path) -> None:
+    assert is_local("data/HumanEval.jsonl.gz") and is_local("x.json.gz") and is_local("x.JSONL.GZ")
+    assert not is_local("x.parquet.gz") and not is_local("notes.gz") and not is_local("openai/gsm8k")
+    he = gz((FIX / "humaneval.jsonl").read_text(), tmp_path / "HumanEval.jsonl.gz")
+    plain = load_hf_task(str(FIX / "humaneval.jsonl"), "test", format="humaneval")
+    assert load_hf_task(str(he), "test", format="humaneval") == plain
+    array = gz(json.dumps(rows("gsm8k.jsonl")), tmp_path / "gsm8k.json.gz")  # .json: one JSON array
+    assert [it.answer for it in load_hf_task(str(array), "train", format="gsm8k")] == ["18", "3", "15000"]
+
+
+def test_jsonl_spec_takes_gzipped_files_and_folders(tmp_path: Path) -> None:
+    from selfdistill.config import DataConfig
+    from selfdistill.tasks.registry import build_task
+
+    row = '{"prompt": "1+1?", "answer": "2"}\n'
+    one = build_task(f"jsonl:{gz(row, tmp_path / 'd.jsonl.gz')}", DataConfig())
+    assert one.name == "d" and [it.answer for it in one.items("train")] == ["2"]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    gz(row, folder / "train.jsonl.gz")
+    write_lines(folder / "test_id.jsonl", [row.strip()])
+    task = build_task(f"jsonl:{folder}", DataConfig())
+    assert set(task.files) == {"train", "test_id"}  # type: ignore[attr-defined]
+    assert task.items("train")[0].prompt == task.items("test_id")[0].prompt == "1+1?"
+
+
+def test_hf_spec_names_a_local_file_with_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfdistill.config import DataConfig
+    from selfdistill.config_io import ConfigError
+    from selfdistill.tasks.registry import build_task
+
+    he = gz((FIX / "humaneval.jsonl").read_text(), tmp_path / "HumanEval.jsonl.gz")
+    task = build_task(f"hf:humaneval@{he}", DataConfig())
+    assert (task.name, task.domain) == ("HumanEval", "code")
+    assert [it.id for it in task.items("test_id")] == ["HumanEval/0", "HumanEval/2"]
+    assert task.items("train") == task.items("test_id")  # the file stands for the whole dataset
+    _install_fake_sandbox(monkeypatch)
+    assert all(task.verify(it, it.solution) for it in task.items("test_id"))
+    array = gz(json.dumps(rows("gsm8k.jsonl")), tmp_path / "gsm8k.json.gz")
+    assert build_task(f"hf:openai/gsm8k@{array}", DataConfig()).items("train")[0].answer == "18"  # format from a hub name
+    for spec, message in [
+        (f"hf:poems@{he}", "unknown format 'poems'"),
+        (f"hf:humaneval@{tmp_path / 'none.jsonl.gz'}", "none.jsonl.gz does not exist"),
+        (f"hf:humaneval@{tmp_path / 'notes.txt'}", "is not a .jsonl, .json"),
+        (f"hf:{he}", "a local file needs its format: hf:FORMAT@"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build_task(spec, DataConfig())
 
 
 def _install_fake_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:

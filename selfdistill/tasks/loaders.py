@@ -9,18 +9,23 @@ Two sources, one result (a list of :class:`Item`):
   file in a known format) and turns each row into an item with a format
   adapter: GSM8K, MATH, MBPP, HumanEval, MMLU.
 
+Gzip-compressed ``.jsonl.gz`` / ``.json.gz`` files are read wherever ``.jsonl`` /
+``.json`` are (HumanEval ships as ``HumanEval.jsonl.gz``).
+
 :class:`FileTask` and :class:`HFTask` wrap them as :class:`Task` objects whose
 ``verify`` is :func:`selfdistill.tasks.verify.verify_item`.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import string
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from selfdistill.tasks.base import ANSWER_MARKER, DOMAINS, Item
 from selfdistill.tasks.verify import last_boxed, verify_item
@@ -118,36 +123,50 @@ def load_jsonl(
         raise FileNotFoundError(f"{path}: no such file")
     items: list[Item] = []
     seen: dict[str, int] = {}
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip()
-            except UnicodeDecodeError as e:
-                raise TaskDataError(f"{path}, row {lineno}: not valid UTF-8 (at byte column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}, row {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}, row {lineno}: expected a JSON object, got {type(row).__name__}")
-            try:
-                item = _jsonl_item(
-                    row,
-                    default_id=f"{path.stem}-{lineno}",
-                    domain=domain,
-                    columns=columns,
-                    require_solution=require_solution,
-                    require_answer=require_answer,
-                )
-            except FieldError as e:
-                raise _row_error(str(path), lineno, e) from None
-            if item.id in seen:
-                raise TaskDataError(f"{path}, row {lineno}, field 'id': duplicate id {item.id!r} (first on row {seen[item.id]})")
-            seen[item.id] = lineno
-            items.append(item)
+    for lineno, raw in _lines(path):
+        try:
+            line = raw.decode("utf-8").rstrip()
+        except UnicodeDecodeError as e:
+            raise TaskDataError(f"{path}, row {lineno}: not valid UTF-8 (at byte column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}, row {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}, row {lineno}: expected a JSON object, got {type(row).__name__}")
+        try:
+            item = _jsonl_item(
+                row,
+                default_id=f"{data_stem(path)}-{lineno}",
+                domain=domain,
+                columns=columns,
+                require_solution=require_solution,
+                require_answer=require_answer,
+            )
+        except FieldError as e:
+            raise _row_error(str(path), lineno, e) from None
+        if item.id in seen:
+            raise TaskDataError(f"{path}, row {lineno}, field 'id': duplicate id {item.id!r} (first on row {seen[item.id]})")
+        seen[item.id] = lineno
+        items.append(item)
     return items
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of a file, gunzipped when its name ends in ``.gz``."""
+    if path.suffix.lower() != ".gz":
+        with path.open("rb") as f:
+            yield from enumerate(f, start=1)
+        return
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except (OSError, EOFError, zlib.error) as e:
+        raise TaskDataError(f"{path}, row {lineno + 1}: not readable as gzip ({e})") from None
 
 
 # ---------------------------------------------------------------- HF format adapters
@@ -305,11 +324,28 @@ def guess_format(name: str) -> str | None:
 
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_GZIP_OK = (".jsonl", ".json")  # also local files when gzipped (".jsonl.gz")
+
+
+def local_suffix(name_or_path: str | Path) -> str | None:
+    """The data suffix of a local file name (``.jsonl`` for ``x.jsonl.gz``), or None for a hub name."""
+    suffixes = [x.lower() for x in Path(name_or_path).suffixes]
+    if suffixes[-2:-1] and suffixes[-1] == ".gz":
+        return suffixes[-2] if suffixes[-2] in _GZIP_OK else None
+    return suffixes[-1] if suffixes and suffixes[-1] in _LOCAL_BUILDERS else None
 
 
 def is_local(name_or_path: str | Path) -> bool:
     """Whether ``name_or_path`` names a local data file rather than a hub dataset."""
-    return Path(name_or_path).suffix.lower() in _LOCAL_BUILDERS
+    return local_suffix(name_or_path) is not None
+
+
+def data_stem(path: str | Path) -> str:
+    """A data file's name without its suffixes (``HumanEval`` for ``HumanEval.jsonl.gz``)."""
+    name = Path(path).name
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    return Path(name).stem
 
 
 def _load_rows(name_or_path: str, split: str, config: str | None, fmt: str) -> Any:
@@ -319,8 +355,8 @@ def _load_rows(name_or_path: str, split: str, config: str | None, fmt: str) -> A
         path = Path(name_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        builder = _LOCAL_BUILDERS[path.suffix.lower()]
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        builder = _LOCAL_BUILDERS[local_suffix(path) or ""]
+        return datasets.load_dataset(builder, data_files=str(path), split="train")  # gunzips .gz itself
     config = config or FORMATS[fmt].default_config
     if config is None and "hendrycks_math" in name_or_path.lower():
         parts = [datasets.load_dataset(name_or_path, s, split=split) for s in MATH_SUBJECTS]
@@ -379,7 +415,7 @@ class FileTask:
         if not files:
             raise ValueError("FileTask needs at least one split file")
         self.files = {split: Path(p) for split, p in files.items()}
-        self.name = name or next(iter(self.files.values())).stem
+        self.name = name or data_stem(next(iter(self.files.values())))
         self.domain = domain
         self._options = dict(domain=domain, columns=columns, require_solution=require_solution,
                              require_answer=require_answer)

@@ -1,13 +1,20 @@
-"""Task specs (``toy-math``, ``jsonl:PATH``, ``hf:NAME``) -> tasks; the training item stream.
+"""Task specs (``toy-math``, ``jsonl:PATH``, ``hf:NAME``, ``hf:FORMAT@FILE``) -> tasks; the training item stream.
 
 Spec grammar, one string per task:
 
 - ``toy-math`` | ``toy-code`` | ``toy-mcqa``: the embedded toy world;
-- ``jsonl:DIR_OR_FILE[:domain]``: a folder with ``train.jsonl`` / ``test_id.jsonl``
-  / ``test_ood.jsonl`` (whichever exist), or one file used as ``train``;
+- ``jsonl:DIR_OR_FILE[:domain]``: a folder with ``train.jsonl`` / ``valid.jsonl`` /
+  ``test_id.jsonl`` / ``test_ood.jsonl`` (whichever exist; each may be gzipped,
+  ``train.jsonl.gz``), or one file (``.jsonl`` or ``.jsonl.gz``) used as ``train``;
 - ``hf:NAME[:config]``: a Hugging Face dataset in a known format (GSM8K, MATH,
   MBPP, HumanEval, MMLU), ``train`` and ``test`` splits mapped to
-  ``train`` and ``test_id``.
+  ``train`` and ``test_id``;
+- ``hf:FORMAT@FILE``: a local file of such a dataset (``.jsonl``, ``.json``,
+  either gzipped, ``.parquet``, ``.csv``), e.g. ``hf:humaneval@data/HumanEval.jsonl.gz``
+  for offline machines. FORMAT is ``gsm8k``, ``math``, ``mbpp``, ``humaneval``,
+  ``mmlu``, or a hub name that implies one (``openai/gsm8k``). The file stands
+  for the whole dataset: ``train`` and ``test_id`` both read it, so train on it
+  or evaluate on it, not both.
 """
 
 from __future__ import annotations
@@ -23,6 +30,14 @@ from selfdistill.toy.tasks import ToyTask
 _SPLIT_FILES = ("train", "valid", "test_id", "test_ood")
 
 
+def _split_file(folder: Path, split: str) -> Path | None:
+    """``split.jsonl`` in ``folder``, else ``split.jsonl.gz``, else None."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def build_task(spec: str, data: DataConfig) -> Task:
     """One task from its spec string."""
     if spec.startswith("toy-"):
@@ -31,7 +46,7 @@ def build_task(spec: str, data: DataConfig) -> Task:
             raise ConfigError(f"data.tasks: unknown toy task {spec!r}; expected toy-math, toy-code or toy-mcqa")
         return ToyTask(domain, seed=data.seed, train_size=data.train_size, test_size=data.test_size)
     if spec.startswith("jsonl:"):
-        from selfdistill.tasks.loaders import FileTask
+        from selfdistill.tasks.loaders import FileTask, data_stem
 
         rest = spec[len("jsonl:"):]
         path_s, _, domain = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
@@ -40,7 +55,8 @@ def build_task(spec: str, data: DataConfig) -> Task:
             raise ConfigError(f"data.tasks: {spec!r}: unknown domain {domain!r} (expected {', '.join(DOMAINS)})")
         path = Path(path_s)
         if path.is_dir():
-            files = {s: path / f"{s}.jsonl" for s in _SPLIT_FILES if (path / f"{s}.jsonl").exists()}
+            found = {s: _split_file(path, s) for s in _SPLIT_FILES}
+            files = {s: f for s, f in found.items() if f is not None}
             if not files:
                 raise ConfigError(f"data.tasks: {spec!r}: folder {path} has none of "
                                   f"{', '.join(s + '.jsonl' for s in _SPLIT_FILES)}")
@@ -48,13 +64,32 @@ def build_task(spec: str, data: DataConfig) -> Task:
             files = {"train": path}
         else:
             raise ConfigError(f"data.tasks: {spec!r}: {path} does not exist")
-        return FileTask(files, name=path.stem if path.is_file() else path.name, domain=domain)
+        return FileTask(files, name=data_stem(path) if path.is_file() else path.name, domain=domain)
     if spec.startswith("hf:"):
-        from selfdistill.tasks.loaders import HFTask
+        from selfdistill.tasks.loaders import HFTask, is_local
 
+        fmt, at, file = spec[3:].partition("@")
+        if at:
+            return _local_hf_task(spec, fmt, Path(file))
         name, _, config = spec[3:].partition(":")
+        if is_local(name):
+            raise ConfigError(f"data.tasks: {spec!r}: a local file needs its format: hf:FORMAT@{name}")
         return HFTask(name, config=config or None, splits={"train": "train", "test_id": "test"})
     raise ConfigError(f"data.tasks: cannot read task spec {spec!r}; use toy-math, jsonl:PATH or hf:NAME")
+
+
+def _local_hf_task(spec: str, fmt: str, path: Path) -> Task:
+    """``hf:FORMAT@FILE``: a local file in a dataset format, read for both ``train`` and ``test_id``."""
+    from selfdistill.tasks.loaders import FORMATS, HFTask, data_stem, guess_format, is_local
+
+    known = fmt if fmt in FORMATS else guess_format(fmt)
+    if known is None:
+        raise ConfigError(f"data.tasks: {spec!r}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if not is_local(path):
+        raise ConfigError(f"data.tasks: {spec!r}: {path} is not a .jsonl, .json (either maybe .gz), .parquet or .csv file")
+    if not path.is_file():
+        raise ConfigError(f"data.tasks: {spec!r}: {path} does not exist")
+    return HFTask(str(path), format=known, splits={"train": str(path), "test_id": str(path)}, name=data_stem(path))
 
 
 def build_tasks(data: DataConfig) -> list[Task]:
