@@ -12,8 +12,11 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as tf
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from selfdistill.arch import edit_kv, kv_sites
 from selfdistill.spd.projection import project, project_kv, select_layers
@@ -363,6 +366,88 @@ def test_kv_gradients_with_frozen_weights_and_no_targets():
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
+
+
+class _VocabWide(TorchDispatchMode):
+    """Records the largest output (in elements) of any op whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.peak = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab:
+                self.peak = max(self.peak, t.numel())
+        return out
+
+
+def full_logits_kv_grads(model, ids_BT, mask_BT, loss_mask_BT) -> dict:
+    """kv_gradients as it was: full B x T x V logits from ``model(...)``, then cross-entropy on the targets."""
+    outs: dict = {}
+    sites = kv_sites(model)
+
+    def capture(module, _args, out):
+        outs[id(module)] = out
+        return out
+
+    handles = [s.module.register_forward_hook(capture) for s in sites]
+    try:
+        logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=positions_of(mask_BT),
+                           use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    target_BT1 = loss_mask_BT[:, 1:].bool() & mask_BT[:, 1:].bool()
+    loss = F.cross_entropy(logits_BTV[:, :-1][target_BT1].float(), ids_BT[:, 1:][target_BT1], reduction="sum")
+    grads = torch.autograd.grad(loss, [outs[id(s.module)] for s in sites])
+    return {s.key: g[..., s.start:s.stop][mask_BT.bool()].float() for s, g in zip(sites, grads)}
+
+
+def _phi_with_head_bias() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = tf.PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_()  # Phi's head has a bias; make it matter
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "phi"])
+def test_kv_gradients_never_hold_batch_length_vocab(arch):
+    """Same gradients as the full-logits computation, yet no op output is ever B x T x V wide.
+
+    Plain heads (llama, tied gpt2, phi with its bias) take the chunked path and
+    never call the LM head module; Gemma 2's soft-capped head is called on
+    chunks of target rows only.
+    """
+    model = _phi_with_head_bias() if arch == "phi" else tiny(arch)
+    B, T, chunk = 4, 12, 8
+    ids_BT, mask_BT = batch(seed=5, B=B, T=T)
+    loss_mask_BT = torch.zeros_like(mask_BT)
+    loss_mask_BT[:, 4:] = 1  # 32 targets: four chunks of 8 rows
+    rows: list[int] = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        wide = _VocabWide(VOCAB)
+        with wide:
+            kv = kv_gradients(model, ids_BT, mask_BT, loss_mask_BT, chunk_size=chunk)
+    finally:
+        hook.remove()
+    want = full_logits_kv_grads(model, ids_BT, mask_BT, loss_mask_BT)
+    for key, grad in want.items():
+        torch.testing.assert_close(kv.grads[key], grad, atol=1e-5, rtol=1e-4)
+    hidden = model.config.hidden_size
+    assert B * (T - 1) > max(chunk, hidden)  # so that a B x T x V tensor would stand out
+    assert wide.peak <= max(chunk, hidden) * VOCAB  # chunk x V logits; the head's (H, V) transpose
+    assert rows == ([] if arch != "gemma2" else [chunk] * 8)  # 4 chunks, each recomputed in backward
+    full = _VocabWide(VOCAB)
+    with full:
+        full_logits_kv_grads(model, ids_BT, mask_BT, loss_mask_BT)
+    assert full.peak >= B * T * VOCAB  # the probe does see full logits
 
 
 # --------------------------------------------------------------------------- subspaces

@@ -27,8 +27,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from selfdistill.arch import SiteKey, kv_sites
+from selfdistill.models import unwrap
+from selfdistill.objectives import token_logprobs_from_hidden
+from selfdistill.sequences import SequenceBatch, forward_hidden
 
 Positions = Literal["all", "completion", "selected"]
 _META_KEY = "selfdistill.spd"
@@ -71,7 +75,7 @@ def _selection_mask(attention_mask_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
 def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                  loss_mask_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None,
                  sites: Iterable[SiteKey] | None = None, positions: Positions = "all",
-                 position_mask_BT: torch.Tensor | None = None) -> KVGrads:
+                 position_mask_BT: torch.Tensor | None = None, chunk_size: int = 1024) -> KVGrads:
     """Gradients of the target tokens' summed NLL w.r.t. each K/V site activation.
 
     ``loss_mask_BT`` marks TARGET tokens: token ``t`` (``t >= 1``) counts with
@@ -87,6 +91,12 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
     ``generate`` does. Runs in eval mode (no dropout, no gradient
     checkpointing) and restores every module's mode; uses ``autograd.grad``,
     so no parameter's ``.grad`` is touched, and works with frozen weights.
+
+    Memory: no batch x length x vocabulary tensor is held. The loss is read
+    from the final hidden states of the target tokens only, through the
+    chunked LM-head path (``chunk_size`` rows of logits at a time); a head
+    with soft-capping or a logit scale (Gemma 2, Cohere) goes through the
+    model's own head module, also by chunks, recomputed in backward.
     """
     by_key = {s.key: s for s in kv_sites(model)}
     keys = sorted(by_key) if sites is None else sorted(set(sites))
@@ -117,10 +127,9 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
     try:
         model.eval()
         with torch.enable_grad():
-            logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
-                               position_ids=position_ids_BT, use_cache=False).logits
-            logits_MV = logits_BTV[:, :-1][target_BT1].float()
-            loss = F.cross_entropy(logits_MV, input_ids_BT[:, 1:][target_BT1], reduction="sum")
+            seqs = SequenceBatch(input_ids_BT, attention_mask_BT, loss_mask_BT, position_ids_BT)
+            hidden_MH = forward_hidden(model, seqs, share_prefixes=False)[:, :-1][target_BT1]
+            loss = _target_nll(model, hidden_MH, input_ids_BT[:, 1:][target_BT1], chunk_size)
             mod_ids = list(outputs)
             grads = torch.autograd.grad(loss, [outputs[i] for i in mod_ids], allow_unused=True)
     finally:
@@ -142,6 +151,35 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
         heads[key] = site.num_heads
     return KVGrads(out_grads, out_acts, heads, float(loss.detach()), int(target_BT1.sum()),
                    type(model).__name__)
+
+
+def _target_nll(model: nn.Module, hidden_MH: torch.Tensor, targets_M: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed NLL of the target tokens from their final hidden states, ``chunk_size`` rows of logits at a time.
+
+    A plain head (``hidden @ W.T`` plus an optional bias) takes the objective
+    library's chunked path; the head's weight is detached, since only the
+    activations' gradients are wanted.
+    """
+    head = unwrap(model).get_output_embeddings()
+    cfg = unwrap(model).config
+    cap, scale = getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None)
+    if not cap and scale is None:
+        bias = getattr(head, "bias", None)
+        logp_M = token_logprobs_from_hidden(hidden_MH, head.weight.detach(), targets_M, chunk_size=chunk_size,
+                                            lm_head_bias_V=None if bias is None else bias.detach())
+        return -logp_M.sum()
+
+    def nll(h_cH: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
+        z_cV = head(h_cH).float()
+        if cap:
+            z_cV = torch.tanh(z_cV / cap) * cap
+        if scale is not None:
+            z_cV = z_cV * scale
+        return F.cross_entropy(z_cV, t_c, reduction="sum")
+
+    parts = [checkpoint(nll, hidden_MH[s:s + chunk_size], targets_M[s:s + chunk_size], use_reentrant=False)
+             for s in range(0, len(targets_M), chunk_size)]
+    return torch.stack(parts).sum()
 
 
 # --------------------------------------------------------------------------- subspaces
