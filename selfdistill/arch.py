@@ -4,20 +4,27 @@ Methods that edit or read K/V activations (SPD's projection, its gradient
 extraction) talk only to :func:`kv_sites` and :func:`edit_kv`; every
 architecture difference lives here.
 
-A *site* is the output of the module that produces one layer's keys (or
-values), **before** anything else touches them:
+A *site* is where one layer's keys (or values) are what attention will
+compare, read and edited as ``(..., num_kv_heads * head_dim)``, head-major,
+always *before* rotary embedding:
 
-- separate projections (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3, OPT, ...):
-  the whole output of ``k_proj`` / ``v_proj``;
+- separate projections (Llama, Mistral, Qwen2, Gemma 1/2, OPT, ...): the
+  whole output of ``k_proj`` / ``v_proj``;
 - fused projections: a contiguous slice of one module's output, GPT-2's
   ``c_attn`` (Conv1D, q|k|v of ``hidden`` each) and Phi-3's ``qkv_proj``
-  (q of ``heads*head_dim``, then k and v of ``kv_heads*head_dim`` each).
+  (q of ``heads*head_dim``, then k and v of ``kv_heads*head_dim`` each);
+- key norms (Qwen3, Gemma 3, OLMo 2, ...: a ``k_norm`` after ``k_proj``): the
+  K site is the **output of ``k_norm``** (``key_site="auto"``). Before the
+  norm the loss is invariant to rescaling a head's key, so every key gradient
+  there is orthogonal to its own key and a gradient subspace of raw keys
+  misses what attention compares. ``key_site="proj"`` keeps the raw
+  ``k_proj`` output (the v1 behaviour, an ablation). A per-head norm's output
+  is ``(..., heads, head_dim)``; the site flattens it (``layout="heads"``).
+  Such a site is not a linear map's output, so it is edited by a hook, never
+  folded into weights. Values have no norm: V sites are unchanged.
 
-So a site is always ``(..., num_kv_heads * head_dim)``, laid out head-major,
-and it is seen *before* rotary embedding and *before* any per-head key norm
-(Qwen3 and Gemma 3 apply ``k_norm`` after ``k_proj``: the K site is the raw
-``k_proj`` output, the norm then acts on the edited keys). Grouped-query
-attention needs nothing special: a site holds the KV heads, not the query heads.
+Grouped-query attention needs nothing special: a site holds the KV heads,
+not the query heads.
 
 Not handled: per-head interleaved fused layouts (GPT-NeoX / Falcon
 ``query_key_value``), which are not contiguous slices; they raise a clear error.
@@ -37,6 +44,7 @@ from torch import nn
 Kind = Literal["k", "v"]
 SiteKey = tuple[int, Kind]
 KVEdit = Callable[[torch.Tensor], torch.Tensor]
+KeySite = Literal["auto", "proj"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,10 @@ class KVSite:
     stop: int
     num_heads: int  # KV heads (not query heads)
     head_dim: int
+    #: "flat": the module's output is (..., width) and the site is [..., start:stop];
+    #: "heads": a per-head norm's output (..., num_heads, head_dim), the whole of it (flattened to read).
+    #: "norm": a norm over the whole key vector (OLMo 2), output (..., width).
+    layout: Literal["flat", "heads", "norm"] = "flat"
 
     @property
     def key(self) -> SiteKey:
@@ -62,8 +74,29 @@ class KVSite:
 
     @property
     def whole_output(self) -> bool:
-        """True when the site is the module's entire output (separate projections)."""
-        return self.start == 0 and _out_features(self.module) == self.stop
+        """True when the site is the module's entire output (separate projections, key norms)."""
+        return self.layout != "flat" or (self.start == 0 and _out_features(self.module) == self.stop)
+
+    def heads_first(self, inp: torch.Tensor | None) -> bool:
+        """For a per-head norm: True when its input is ``(B, heads, T, head_dim)`` (Gemma 3 transposes before
+        the norm, Qwen3 after). Told by the input's strides: it is a view of the projection's ``(B, T, width)``
+        output, so the heads axis is the one with stride ``head_dim``."""
+        if self.layout != "heads" or inp is None or inp.dim() != 4:
+            return False
+        return inp.stride(1) == self.head_dim and inp.stride(2) != self.head_dim
+
+    def read(self, out: torch.Tensor, heads_first: bool = False) -> torch.Tensor:
+        """The site's activation ``(..., width)`` in its module's output ``out``."""
+        if self.layout == "heads":
+            return (out.transpose(1, 2) if heads_first else out).flatten(-2)
+        return out[..., self.start:self.stop]
+
+    def write(self, out: torch.Tensor, new: torch.Tensor, heads_first: bool = False) -> torch.Tensor:
+        """``out`` with the site replaced by ``new`` ``(..., width)`` (a whole-output site: ``new`` reshaped)."""
+        if self.layout == "heads":
+            shaped = new.unflatten(-1, (self.num_heads, self.head_dim))
+            return (shaped.transpose(1, 2) if heads_first else shaped).to(out.dtype)
+        raise ValueError("write() is for whole-output sites; slices go through _apply_edits")
 
 
 def _out_features(module: nn.Module) -> int:
@@ -106,7 +139,22 @@ def _decoder_root(model: nn.Module) -> nn.Module:
     return model
 
 
-def _sites_of(attn: nn.Module, layer: int, prefix: str, config: object) -> list[KVSite]:
+def _key_norm_site(attn: nn.Module, k: KVSite, prefix: str) -> KVSite:
+    """The K site moved to the output of the attention's ``k_norm`` (same width and heads)."""
+    norm = dict(attn.named_children())["k_norm"]
+    weight = getattr(norm, "weight", None)
+    n = weight.numel() if isinstance(weight, torch.Tensor) else k.head_dim
+    if n == k.head_dim:  # per-head norm (Qwen3, Gemma 3): output (..., heads, head_dim)
+        layout = "heads"
+    elif n == k.width:  # norm over the whole key vector (OLMo 2): output (..., width)
+        layout = "norm"
+    else:
+        raise ValueError(f"{prefix}.k_norm: weight of {n} matches neither head_dim {k.head_dim} "
+                         f"nor the key width {k.width}")
+    return KVSite(k.layer, "k", f"{prefix}.k_norm", norm, 0, k.width, k.num_heads, k.head_dim, layout)
+
+
+def _sites_of(attn: nn.Module, layer: int, prefix: str, config: object, key_site: KeySite = "auto") -> list[KVSite]:
     """K and V sites of one attention module, or [] if it has no recognised projection."""
     children = dict(attn.named_children())
     head_dim = _first_attr((attn, config), ("head_dim",))
@@ -124,8 +172,10 @@ def _sites_of(attn: nn.Module, layer: int, prefix: str, config: object) -> list[
         return KVSite(layer, kind, f"{prefix}.{child}", children[child], start, stop, width // head_dim, head_dim)
 
     if "k_proj" in children and "v_proj" in children:
-        return [site("k", "k_proj", 0, _out_features(children["k_proj"])),
-                site("v", "v_proj", 0, _out_features(children["v_proj"]))]
+        k = site("k", "k_proj", 0, _out_features(children["k_proj"]))
+        if key_site == "auto" and isinstance(children.get("k_norm"), nn.Module):
+            k = _key_norm_site(attn, k, prefix)
+        return [k, site("v", "v_proj", 0, _out_features(children["v_proj"]))]
     if "c_attn" in children:  # GPT-2: q | k | v, each of width hidden (no GQA)
         width = _out_features(children["c_attn"])
         if "q_attn" in children or getattr(attn, "is_cross_attention", False) or width % 3:
@@ -144,8 +194,11 @@ def _sites_of(attn: nn.Module, layer: int, prefix: str, config: object) -> list[
     return []
 
 
-def kv_sites(model: nn.Module) -> list[KVSite]:
+def kv_sites(model: nn.Module, key_site: KeySite = "auto") -> list[KVSite]:
     """Every K and V site of a Hugging Face causal LM, sorted by (layer, kind).
+
+    ``key_site``: ``auto`` puts K sites after a key norm where the
+    architecture has one; ``proj`` keeps them at the raw projection output.
 
     Attention modules are found by walking the decoder's modules for one with
     ``k_proj``+``v_proj``, ``c_attn`` or ``qkv_proj`` children; the layer index
@@ -161,7 +214,7 @@ def kv_sites(model: nn.Module) -> list[KVSite]:
     sites: list[KVSite] = []
     for order, (attn, prefix) in enumerate(found):
         layer = getattr(attn, "layer_idx", None)
-        sites += _sites_of(attn, layer if isinstance(layer, int) else order, prefix, config)
+        sites += _sites_of(attn, layer if isinstance(layer, int) else order, prefix, config, key_site)
     if not sites:
         raise ValueError(
             f"{type(model).__name__}: no K/V projections found (looked for attention modules with "
@@ -172,15 +225,20 @@ def kv_sites(model: nn.Module) -> list[KVSite]:
     return sorted(sites, key=lambda s: (s.layer, s.kind))
 
 
-def sites_by_key(model: nn.Module) -> dict[SiteKey, KVSite]:
+def sites_by_key(model: nn.Module, key_site: KeySite = "auto") -> dict[SiteKey, KVSite]:
     """:func:`kv_sites` keyed by ``(layer, kind)``."""
-    return {s.key: s for s in kv_sites(model)}
+    return {s.key: s for s in kv_sites(model, key_site)}
 
 
-def _apply_edits(out: torch.Tensor, edits: list[tuple[KVSite, KVEdit]]) -> torch.Tensor:
+def _apply_edits(out: torch.Tensor, edits: list[tuple[KVSite, KVEdit]], inp: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """``out`` with each site's slice replaced by ``fn(slice)`` (out-of-place, autograd-safe)."""
     if len(edits) == 1 and edits[0][0].whole_output:
         site, fn = edits[0]
+        if site.layout == "heads":
+            first = site.heads_first(inp)
+            old = site.read(out, first)
+            return site.write(out, _checked(fn(old), old, site), first)
         return _checked(fn(out), out, site)
     pieces, cursor = [], 0
     for site, fn in sorted(edits, key=lambda e: e[0].start):
@@ -199,15 +257,15 @@ def _checked(new: torch.Tensor, old: torch.Tensor, site: KVSite) -> torch.Tensor
 
 
 @contextmanager
-def edit_kv(model: nn.Module, fn_by_site: Mapping[SiteKey, KVEdit]) -> Iterator[None]:
+def edit_kv(model: nn.Module, fn_by_site: Mapping[SiteKey, KVEdit], key_site: KeySite = "auto") -> Iterator[None]:
     """Within the block, each site's activation ``h (..., d)`` is replaced by ``fn(h)``.
 
     One forward hook per projection module (a fused module's K and V edits
     share it). Works for plain forwards, training and ``generate``: with a KV
-    cache, the cache is filled with edited activations (after RoPE / k_norm of
-    the edited ones). Hooks are removed on exit, also on exception.
+    cache, the cache is filled with edited activations (after RoPE of the
+    edited ones). Hooks are removed on exit, also on exception.
     """
-    by_key = sites_by_key(model)
+    by_key = sites_by_key(model, key_site)
     unknown = [k for k in fn_by_site if k not in by_key]
     if unknown:
         raise KeyError(f"{type(model).__name__} has no K/V site {unknown[0]}; "
@@ -219,7 +277,8 @@ def edit_kv(model: nn.Module, fn_by_site: Mapping[SiteKey, KVEdit]) -> Iterator[
     handles = []
     try:
         for edits in by_module.values():
-            if len(edits) == 1 and edits[0][0].whole_output:  # the common case, resolved once, not per call
+            if len(edits) == 1 and edits[0][0].whole_output and edits[0][0].layout == "flat":
+                # the common case, resolved once, not per call
                 site, fn = edits[0]
 
                 def hook(_mod: nn.Module, _args: object, out: object, site=site, fn=fn) -> torch.Tensor:
@@ -230,10 +289,11 @@ def edit_kv(model: nn.Module, fn_by_site: Mapping[SiteKey, KVEdit]) -> Iterator[
                         return _checked(new, out, site)
                     return new
             else:
-                def hook(_mod: nn.Module, _args: object, out: object, edits=edits) -> torch.Tensor:
+                def hook(_mod: nn.Module, args: tuple, out: object, edits=edits) -> torch.Tensor:
                     if not isinstance(out, torch.Tensor):
                         raise TypeError(f"{edits[0][0].module_name} returned {type(out).__name__}, not a tensor")
-                    return _apply_edits(out, edits)
+                    inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                    return _apply_edits(out, edits, inp)
 
             handles.append(edits[0][0].module.register_forward_hook(hook))
         yield

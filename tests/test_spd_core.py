@@ -35,6 +35,7 @@ CONFIGS = {
     "mistral": lambda: tf.MistralConfig(**_COMMON),
     "gemma2": lambda: tf.Gemma2Config(**_COMMON, head_dim=8),
     "gemma3": lambda: tf.Gemma3TextConfig(**_COMMON, head_dim=8),
+    "olmo2": lambda: tf.Olmo2Config(**_COMMON),
     "phi3": lambda: tf.Phi3Config(**_COMMON),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                   initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
@@ -100,6 +101,36 @@ def test_kv_sites_cover_every_layer_with_kv_width(arch):
     kv_heads = 4 if arch == "gpt2" else 2  # GQA everywhere but GPT-2
     for s in sites:
         assert (s.num_heads, s.head_dim, s.width) == (kv_heads, 8, kv_heads * 8)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "olmo2"])
+def test_key_sites_sit_after_the_key_norm_where_the_gradient_is_not_orthogonal_to_the_key(arch):
+    """Before a key norm the loss is invariant to rescaling a key, so grad . key = 0 exactly there;
+    at the norm's output (the K site) it is not."""
+    model = tiny(arch)
+    ids_BT, mask_BT = batch(seed=5, left_pad=0)
+    loss_mask_BT = torch.zeros_like(mask_BT)
+    loss_mask_BT[:, 5:] = 1
+
+    def mean_abs_cos(key_site: str) -> float:
+        kv = kv_gradients(model, ids_BT, mask_BT, loss_mask_BT, key_site=key_site)
+        cos = []
+        for (layer, kind), g_Nd in kv.grads.items():
+            if kind != "k":
+                continue
+            a_Nd = kv.acts[(layer, kind)]
+            H = kv.num_heads[(layer, kind)]
+            if arch != "olmo2":  # per-head norm: per head; OLMo 2 normalises the whole key vector
+                g_Nd, a_Nd = g_Nd.reshape(-1, g_Nd.shape[1] // H), a_Nd.reshape(-1, a_Nd.shape[1] // H)
+            keep = g_Nd.norm(dim=1) > 1e-8
+            cos.append(torch.nn.functional.cosine_similarity(g_Nd[keep], a_Nd[keep], dim=1).abs().mean())
+        return float(torch.stack(cos).mean())
+
+    sites = {s.key: s for s in kv_sites(model)}
+    assert sites[(0, "k")].module_name.endswith("k_norm") and sites[(0, "v")].module_name.endswith("v_proj")
+    assert kv_sites(model, key_site="proj")[0].module_name.endswith("k_proj")
+    assert mean_abs_cos("proj") < 1e-3
+    assert mean_abs_cos("auto") > 0.02
 
 
 def test_kv_sites_error_names_model_class():
@@ -228,7 +259,9 @@ def test_folded_projection_equals_hooks_and_restores_weights(arch):
         hooked = logits(model, ids_BT, mask_BT)
     with project_kv(model, subs, beta=0.3, fold=True):
         folded = logits(model, ids_BT, mask_BT)
-        assert hook_count(model) == (0 if arch != "gpt2" else 2)  # GPT-2's Conv1D keeps the hook
+        # GPT-2's Conv1D keeps its hooks; a K site after a key norm is not a linear map's output: hooked
+        hooks = {"gpt2": 2, "qwen3": 2, "gemma3": 2, "olmo2": 2}.get(arch, 0)
+        assert hook_count(model) == hooks
     torch.testing.assert_close(folded, hooked, atol=2e-5, rtol=2e-5)
     assert (hooked - logits(model, ids_BT, mask_BT)).abs().max() > 1e-3
     assert {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is None} == no_bias

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.arch import Kind, KVEdit, KVSite, SiteKey, edit_kv, sites_by_key
+from selfdistill.arch import Kind, KeySite, KVEdit, KVSite, SiteKey, edit_kv, sites_by_key
 from selfdistill.spd.subspace import Subspace, SubspaceSet, layer_energy, top_layers
 
 LayerSpec = Union[Literal["all"], Sequence[int], tuple[Literal["top"], int]]
@@ -173,7 +173,8 @@ def foldable(site: KVSite) -> bool:
 
 
 @contextmanager
-def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float) -> Iterator[None]:
+def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float,
+            key_site: KeySite = "auto") -> Iterator[None]:
     """Within the block, each site's projection is folded into its module's weight and bias (in place).
 
     For no-grad use (generation, evaluation): a backward pass inside the block
@@ -187,7 +188,7 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    by_key = sites_by_key(model)
+    by_key = sites_by_key(model, key_site)
     by_module: dict[int, list[tuple[KVSite, Subspace]]] = {}
     for key, sub in subspaces.items():
         site = by_key[key]
@@ -241,16 +242,20 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
 
 @contextmanager
 def project_kv(model: nn.Module, subspaces: SubspaceSet | Mapping[SiteKey, Subspace], beta: float = 0.0,
-               layers: LayerSpec = "all", kinds: Sequence[Kind] = ("k", "v"), fold: bool = False
-               ) -> Iterator[list[SiteKey]]:
+               layers: LayerSpec = "all", kinds: Sequence[Kind] = ("k", "v"), fold: bool = False,
+               key_site: KeySite | None = None) -> Iterator[list[SiteKey]]:
     """Within the block, the chosen layers' K and/or V activations are projected.
 
     ``fold=True`` (no-grad use only: generation, evaluation) folds the map into
     the weights of every :func:`foldable` site (no per-call cost) and hooks the
     others; ``False`` hooks every site. Yields the list of edited sites. Hooks
-    are removed and weights restored on exit, also on exception.
+    are removed and weights restored on exit, also on exception. K sites are
+    where the subspaces were fit (``SubspaceSet.key_site``), unless
+    ``key_site`` says otherwise (default for a plain mapping: ``auto``).
     """
     subs = subspaces.subspaces if isinstance(subspaces, SubspaceSet) else dict(subspaces)
+    if key_site is None:
+        key_site = subspaces.key_site if isinstance(subspaces, SubspaceSet) else "auto"
     bad_kinds = [k for k in kinds if k not in ("k", "v")]
     if bad_kinds:
         raise ValueError(f"kinds must be 'k' and/or 'v', got {bad_kinds[0]!r}")
@@ -258,13 +263,13 @@ def project_kv(model: nn.Module, subspaces: SubspaceSet | Mapping[SiteKey, Subsp
     missing = [k for k in keys if k not in subs]
     if missing:
         raise KeyError(f"no subspace for site {missing[0]}")
-    by_key = sites_by_key(model)
+    by_key = sites_by_key(model, key_site)
     unknown = [k for k in keys if k not in by_key]
     if unknown:
         raise KeyError(f"{type(model).__name__} has no K/V site {unknown[0]}; "
                        f"layers are 0..{max(l for l, _ in by_key)}, kinds 'k'/'v'")
     folded = [k for k in keys if fold and beta != 1.0 and foldable(by_key[k])]
     hooked = [k for k in keys if k not in folded]
-    with fold_kv(model, {k: subs[k] for k in folded}, beta), \
-            edit_kv(model, {k: projector(subs[k], beta) for k in hooked}):
+    with fold_kv(model, {k: subs[k] for k in folded}, beta, key_site), \
+            edit_kv(model, {k: projector(subs[k], beta) for k in hooked}, key_site):
         yield keys

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from selfdistill.arch import SiteKey, kv_sites
+from selfdistill.arch import KeySite, SiteKey, kv_sites
 from selfdistill.models import unwrap
 from selfdistill.objectives import token_logprobs_from_hidden
 from selfdistill.sequences import SequenceBatch, forward_hidden
@@ -56,6 +56,7 @@ class KVGrads:
     loss: float  # the summed NLL that was differentiated
     num_targets: int
     model_class: str = ""
+    key_site: str = "auto"  # where the K sites were read (arch.kv_sites): auto = after a key norm
 
 
 def _selection_mask(attention_mask_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
@@ -75,7 +76,8 @@ def _selection_mask(attention_mask_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
 def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                  loss_mask_BT: torch.Tensor, *, position_ids_BT: torch.Tensor | None = None,
                  sites: Iterable[SiteKey] | None = None, positions: Positions = "all",
-                 position_mask_BT: torch.Tensor | None = None, chunk_size: int = 1024) -> KVGrads:
+                 position_mask_BT: torch.Tensor | None = None, chunk_size: int = 1024,
+                 key_site: KeySite = "auto") -> KVGrads:
     """Gradients of the target tokens' summed NLL w.r.t. each K/V site activation.
 
     ``loss_mask_BT`` marks TARGET tokens: token ``t`` (``t >= 1``) counts with
@@ -98,7 +100,7 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
     with soft-capping or a logit scale (Gemma 2, Cohere) goes through the
     model's own head module, also by chunks, recomputed in backward.
     """
-    by_key = {s.key: s for s in kv_sites(model)}
+    by_key = {s.key: s for s in kv_sites(model, key_site)}
     keys = sorted(by_key) if sites is None else sorted(set(sites))
     missing = [k for k in keys if k not in by_key]
     if missing:
@@ -115,11 +117,15 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
 
     modules = {id(by_key[k].module): by_key[k].module for k in keys}
     outputs: dict[int, torch.Tensor] = {}
+    heads_first: dict[int, bool] = {}  # per-head key norms: is the output (B, heads, T, head_dim)?
+    site_of = {id(by_key[k].module): by_key[k] for k in keys}
 
-    def capture(module: nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
+    def capture(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         if not out.requires_grad:  # frozen weights: make the activation itself differentiable
             out = out.detach().requires_grad_(True)
         outputs[id(module)] = out
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        heads_first[id(module)] = site_of[id(module)].heads_first(inp)
         return out
 
     modes = [(m, m.training) for m in model.modules()]
@@ -146,11 +152,12 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
         grad_BTW = grad_by_mod[id(site.module)]
         if grad_BTW is None:  # site not on the loss's path (e.g. a KV-shared layer)
             grad_BTW = torch.zeros_like(act_BTW)
-        out_grads[key] = grad_BTW[..., site.start:site.stop][select_BT].float()
-        out_acts[key] = act_BTW[..., site.start:site.stop][select_BT].float()
+        first = heads_first.get(id(site.module), False)
+        out_grads[key] = site.read(grad_BTW, first)[select_BT].float()
+        out_acts[key] = site.read(act_BTW, first)[select_BT].float()
         heads[key] = site.num_heads
     return KVGrads(out_grads, out_acts, heads, float(loss.detach()), int(target_BT1.sum()),
-                   type(model).__name__)
+                   type(model).__name__, key_site)
 
 
 def _target_nll(model: nn.Module, hidden_MH: torch.Tensor, targets_M: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -298,6 +305,8 @@ class SubspaceSet:
     center: bool = False
     model_class: str = ""
     extra: dict = field(default_factory=dict)  # caller's notes (data, seed, ...), JSON-serialisable
+    #: Where the K sites were when fit (arch.kv_sites); files from before key-norm sites load as "proj".
+    key_site: str = "auto"
 
 
 class SubspaceAccumulator:
@@ -312,6 +321,7 @@ class SubspaceAccumulator:
         self.count: dict[SiteKey, int] = {}
         self.num_heads: dict[SiteKey, int] = {}
         self.model_class = ""
+        self.key_site = "auto"
 
     def add(self, kv: KVGrads) -> None:
         for key, g_Nd in kv.grads.items():
@@ -327,6 +337,7 @@ class SubspaceAccumulator:
             self.count[key] += g_Nd.shape[0]
             self.num_heads[key] = kv.num_heads[key]
         self.model_class = kv.model_class or self.model_class
+        self.key_site = kv.key_site
 
     def layer_energy(self) -> dict[SiteKey, float]:
         """Mean squared gradient norm per position, per site."""
@@ -344,7 +355,8 @@ class SubspaceAccumulator:
             subspaces[key] = fit_subspace_from_gram(
                 self.gram[key], rank=rank, energy=energy,
                 per_head=self.num_heads[key] if per_head else None, mean_d=mean_d, num_positions=n)
-        return SubspaceSet(subspaces, rank, energy, per_head, center, self.model_class, dict(extra or {}))
+        return SubspaceSet(subspaces, rank, energy, per_head, center, self.model_class, dict(extra or {}),
+                           self.key_site)
 
 
 def layer_energy(source: SubspaceAccumulator | SubspaceSet | Mapping[SiteKey, Subspace]) -> dict[SiteKey, float]:
@@ -382,7 +394,7 @@ def save_subspaces(path: str | Path, sset: SubspaceSet) -> None:
     meta = {"format": _FORMAT, "rank": sset.rank, "energy": sset.energy, "per_head": sset.per_head,
             "center": sset.center, "model_class": sset.model_class,
             "layers": sorted({layer for layer, _ in sset.subspaces}), "sites": sites_meta,
-            "extra": sset.extra}
+            "extra": sset.extra, "key_site": sset.key_site}
     save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
 
 
@@ -405,4 +417,4 @@ def load_subspaces(path: str | Path) -> SubspaceSet:
             singular_values_Hk=tensors[f"{name}.sv"], head_ranks=tuple(s["head_ranks"]),
             grad_energy=float(s["grad_energy"]), num_positions=int(s["num_positions"]))
     return SubspaceSet(subspaces, meta["rank"], meta["energy"], bool(meta["per_head"]),
-                       bool(meta["center"]), meta["model_class"], meta.get("extra", {}))
+                       bool(meta["center"]), meta["model_class"], meta.get("extra", {}), meta.get("key_site", "proj"))
