@@ -85,6 +85,9 @@ class TableConfig:
     out: str = field(default="runs/table", metadata={"help": "Folder for the runs and the table."})
     common: list[str] = field(default_factory=list, metadata={
         "help": "Extra dotted overrides for every row, as key=value (e.g. steps=20)."})
+    check: bool = field(default=True, metadata={
+        "help": "Run `selfdistill toy check` on the rows' model first (reused from OUT/check.json) and print "
+                "it above the table."})
 
 
 def parse_common(pairs: list[str]) -> dict[str, Any]:
@@ -147,6 +150,7 @@ def run_table(tc: TableConfig, log=print) -> Path:
     names = check_rows(tc.rows, rows, f"in preset {tc.preset}")
     common = parse_common(tc.common)
     out = Path(tc.out)
+    checked = preconditions(_row_config("base", {}, 0, out, common).model.path, out, log) if tc.check else ""
     results: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         for seed in tc.seeds:
@@ -167,10 +171,26 @@ def run_table(tc: TableConfig, log=print) -> Path:
     (out / "results.json").write_text(json.dumps({"preset": tc.preset, "seeds": tc.seeds, "common": common,
                                                   "rows": {n: rows[n] for n in names}, "table": table},
                                                  indent=2) + "\n")
-    md = format_markdown(table, tc)
+    md = (checked + "\n\n" if checked else "") + format_markdown(table, tc)
     (out / "results.md").write_text(md)
     log(md)
     return out / "results.md"
+
+
+def preconditions(model: str, out: Path, log) -> str:
+    """The toy world's preconditions on ``model`` (``selfdistill toy check``) as Markdown, run once per folder."""
+    from selfdistill.toy.check import CheckConfig, check, failed
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "check.md"
+    meta = out / "check_model.txt"
+    if not (md.exists() and meta.exists() and meta.read_text() == model):
+        rows = check(CheckConfig(model=model, out=str(out)), log=lambda s: None)
+        meta.write_text(model)
+        log(f"toy check: {len(failed(rows))} preconditions fail")
+    text = f"**Preconditions** (`selfdistill toy check --model {model}`)\n\n" + md.read_text().strip()
+    log(text)
+    return text
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -147,6 +147,7 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
     # ---- teacher views
     for kind, label in (("reference", "OPSD"), ("demonstration", "SDFT"), ("correct_attempt", "SDPO"),
                         ("critique", "step critique")):
+        first = len(rows)
         tpl = T.HELD_OUT[kind]
         for d in DOMAINS:
             its, users, base, refs_users, own_correct = [], [], [], [], []
@@ -184,7 +185,7 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
                 ot, os_ = mean_logprob(model, tok, tu, tg), mean_logprob(model, tok, su, tg)
                 rows.append(Row(f"{label} own correct samples log-prob, teacher - plain, {d}", ot - os_, "> 0",
                                 ot > os_, f"{ot:.3f} vs {os_:.3f} nats/token on {len(tg)} samples"))
-        log(_fmt(rows[-9:]))
+        log(_fmt(rows[first:]))
 
     # ---- CCOPD
     from selfdistill.ccopd.conversation import sharded_rollout
