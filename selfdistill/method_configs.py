@@ -31,6 +31,9 @@ class SPDConfig:
     per_head: bool = field(default=False, metadata={"help": "One subspace per KV head instead of per layer."})
     center: bool = field(default=True, metadata={"help": "Project around the activations' mean (mu) instead of 0."})
     kinds: Literal["kv", "k", "v"] = field(default="kv", metadata={"help": "Project keys, values or both."})
+    key_site: Literal["auto", "proj"] = field(default="auto", metadata={
+        "help": "Where keys are read and projected: auto = after the key norm where the architecture has one "
+                "(Qwen3, Gemma 3, OLMo 2: what attention compares); proj = the raw k_proj output (v1, ablation)."})
     layers: str = field(default="all", metadata={"help": "'all', 'top:N' (by gradient energy), or a comma list of layer indices."})
     fold: bool = field(default=True, metadata={
         "help": "While sampling, fold the projection into the K/V projection weights (no per-call cost; "
