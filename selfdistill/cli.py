@@ -8,10 +8,12 @@ dataclasses, so flags, YAML keys and Python fields share one set of names.
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from selfdistill.config import DataConfig, ModelConfig, TrainConfig
 from selfdistill.config_io import ConfigError, add_flags, build
@@ -35,21 +37,82 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="selfdistill", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+#: Commands in help order, with their one-line help. The last four live in their method's package
+#: (``add_commands(sub)`` / ``run(ns)`` in ``_PACKAGE_COMMANDS``), which is imported only when used.
+_COMMANDS = {
+    "train": "Train with a method (default: SPD on the toy world).",
+    "eval": "Accuracy per task and split (greedy and sampled pass@1).",
+    "methods": "List the methods with their papers.",
+    "toy": "The toy world: pretrain the default model, show items.",
+    "table": "The miniature results table: rows x seeds on the toy world.",
+    "spd": "SPD tools.",
+    "models": "Model tools: import a GGUF file as a Hugging Face folder.",
+    "ccopd": "CCOPD tools: evaluation in FULL/SHARDED/CONCAT, the table, sharding.",
+    "opcod": "OPCoD tools: make the two peer models, the co-distillation table.",
+    "sgsd": "SGSD tools: build and show the skill bank.",
+    "critique": "Step-aligned critique tools: the per-token advantage analysis.",
+}
+_PACKAGE_COMMANDS = {"ccopd": "selfdistill.ccopd.cli", "opcod": "selfdistill.opcod.cli",
+                     "sgsd": "selfdistill.sgsd.cli", "critique": "selfdistill.critique.cli"}
 
-    tr = sub.add_parser("train", help="Train with a method (default: SPD on the toy world).")
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfdistill")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value given to ``flag`` (``--flag V`` or ``--flag=V``) in ``argv``, last one winning."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def _help_method(argv: Sequence[str]) -> str:
+    """The method whose settings ``train --help`` shows: ``--method``, the ``--config`` file's, or the default."""
+    method = _flag_value(argv, "--method")
+    config = _flag_value(argv, "--config")
+    if method is None and config:
+        from selfdistill.config_io import load_yaml
+
+        try:
+            method = load_yaml(config).get("method")
+        except ConfigError:  # the run itself will say what is wrong with the file
+            pass
+    return str(method or TrainConfig.__dataclass_fields__["method"].default)
+
+
+def _add_train(tr: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    from selfdistill.catalog import COMMON_SECTIONS, catalog
+
+    tr.usage = "selfdistill train [--config FILE.yaml] [--method NAME] [--section.key VALUE ...]"
     tr.add_argument("--config", help="YAML file with settings (flags override it).")
-    add_flags(tr, TrainConfig)
+    tr.add_argument("--help-all", action="help", help="Show the settings of every method, not only this one's.")
+    show = None
+    if "--help-all" not in argv:
+        method = _help_method(argv)
+        info = catalog().get(method)
+        show = {*COMMON_SECTIONS, *(info.sections if info else ())}
+        others = ", ".join(n for n in catalog() if n != method)
+        tr.epilog = (f"Settings shown: the common sections and method {method}'s. Every other section's flags are "
+                     f"accepted too; see them with --help-all, or --method NAME --help for one of: {others}.")
+    add_flags(tr, TrainConfig, show=show)
 
-    ev = sub.add_parser("eval", help="Accuracy per task and split (greedy and sampled pass@1).")
+
+def _add_eval(ev: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     ev.add_argument("--config", help="YAML file with settings (flags override it).")
     add_flags(ev, EvalRunConfig)
 
-    sub.add_parser("methods", help="List the methods with their papers.")
 
-    toy = sub.add_parser("toy", help="The toy world: pretrain the default model, show items.")
+def _add_toy(toy: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     tsub = toy.add_subparsers(dest="toy_command", required=True)
     from selfdistill.toy.pretrain import PretrainConfig
 
@@ -65,21 +128,26 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--split", default="train", choices=["train", "valid", "valid_ood", "test_id", "test_ood"])
     show.add_argument("--n", type=int, default=3)
 
+
+def _add_table(tab: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     from selfdistill.experiments import TableConfig
 
-    tab = sub.add_parser("table", help="The miniature results table: rows x seeds on the toy world.")
     add_flags(tab, TableConfig)
 
-    spd = sub.add_parser("spd", help="SPD tools.")
+
+def _add_spd(spd: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    from selfdistill.catalog import COMMON_SECTIONS
+
     ssub = spd.add_subparsers(dest="spd_command", required=True)
     subsp = ssub.add_parser("subspace", help="Extract and save the capability subspace, plot its spectra.")
     subsp.add_argument("--config", help="YAML file with settings (flags override it).")
     subsp.add_argument("--out", default="subspace", help="Output folder (subspace.safetensors + spectra.png).")
     subsp.add_argument("--eval_betas", default="", help="Also measure the projected policy's accuracy on the "
                        "valid split for these betas, e.g. 0,0.5,1 (1 = no projection).")
-    add_flags(subsp, TrainConfig)
+    add_flags(subsp, TrainConfig, show={*COMMON_SECTIONS, "spd"})
 
-    models = sub.add_parser("models", help="Model tools: import a GGUF file as a Hugging Face folder.")
+
+def _add_models(models: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     msub = models.add_subparsers(dest="models_command", required=True)
     imp = msub.add_parser("import-gguf", help="Convert a GGUF file once into a Hugging Face folder for --model.path.",
                           usage="selfdistill models import-gguf [options] (FILE | --smollm2) OUT")
@@ -89,16 +157,31 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="Weight dtype to save.")
     imp.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
 
-    from selfdistill.ccopd.cli import add_commands as add_ccopd
-    from selfdistill.opcod.cli import add_commands as add_opcod
 
-    add_ccopd(sub)
-    add_opcod(sub)
-    from selfdistill.critique.cli import add_commands as add_critique
-    from selfdistill.sgsd.cli import add_commands as add_sgsd
+_BUILDERS: dict[str, Callable[[argparse.ArgumentParser, Sequence[str]], None]] = {
+    "train": _add_train, "eval": _add_eval, "toy": _add_toy, "table": _add_table, "spd": _add_spd,
+    "models": _add_models}
 
-    add_sgsd(sub)
-    add_critique(sub)
+
+def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``selfdistill`` parser. Given ``argv``, only the command it names gets its flags built.
+
+    Building a command's flags imports its config classes (some import torch), so ``selfdistill --help``
+    and ``selfdistill methods`` build none and answer at once. Without ``argv`` every command is built.
+    """
+    chosen = next((a for a in argv if not a.startswith("-")), "") if argv is not None else None
+    p = _Parser(prog="selfdistill", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in _COMMANDS.items():
+        if chosen is not None and name != chosen:
+            sub.add_parser(name, help=help_)  # listed in the help; its flags are built when it is used
+        elif name in _PACKAGE_COMMANDS:
+            importlib.import_module(_PACKAGE_COMMANDS[name]).add_commands(sub)
+        else:
+            command = sub.add_parser(name, help=help_)
+            if name in _BUILDERS:
+                _BUILDERS[name](command, argv or [])
     return p
 
 
@@ -131,6 +214,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                 task.items(split)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ConfigError(f"data.tasks {spec!r}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
+    from selfdistill.validation import check_items
+
+    check_items(cfg, tasks, train=False)  # a split with no items would report an accuracy of nothing
     model, tok = load_model(cfg.model)
     res = evaluate(model, tok, tasks, cfg.eval, cfg.model.system_prompt or None)
     print(format_table(res))
@@ -142,13 +228,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_methods(_: argparse.Namespace) -> int:
-    from selfdistill.methods.base import REGISTRY, get_method
+    from selfdistill.catalog import catalog
 
-    get_method("ssd")  # imports the registry
-    width = max(len(n) for n in REGISTRY)
-    for name in sorted(REGISTRY):
-        cls = REGISTRY[name]
-        print(f"{name.ljust(width)}  {cls.summary}  [{cls.paper}]")
+    methods = catalog()  # read from the method sources: no torch import
+    width = max(len(n) for n in methods)
+    for name, info in methods.items():
+        print(f"{name.ljust(width)}  {info.summary}  [{info.paper}]")
     return 0
 
 
@@ -227,26 +312,25 @@ def _unknown_args(ns: argparse.Namespace, extra: list[str]) -> str:
     return f"unknown flag {name}{hint}; see selfdistill {ns.command} --help"
 
 
+#: OSError numbers that mean "the output folder cannot take the run's files": one line, not a traceback.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        ns, extra = _parser().parse_known_args(argv)
+        ns, extra = _parser(argv).parse_known_args(argv)
     except SystemExit as e:  # argparse printed its one line (or the help)
         return e.code if isinstance(e.code, int) else 2
     handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
                 "table": cmd_table, "models": cmd_models}
-    from selfdistill.ccopd.cli import run as cmd_ccopd
-    from selfdistill.opcod.cli import run as cmd_opcod
-
-    handlers.update(ccopd=cmd_ccopd, opcod=cmd_opcod)
-    from selfdistill.critique.cli import run as cmd_critique
-    from selfdistill.sgsd.cli import run as cmd_sgsd
-
-    handlers.update(sgsd=cmd_sgsd, critique=cmd_critique)
-    from selfdistill.trainer import TrainingStopped
+    from selfdistill.errors import TrainingStopped
 
     try:
         if extra:
             raise ConfigError(_unknown_args(ns, extra))
+        if ns.command in _PACKAGE_COMMANDS:
+            return importlib.import_module(_PACKAGE_COMMANDS[ns.command]).run(ns)
         return handlers[ns.command](ns)
     except ConfigError as e:  # bad input: one line, nothing written
         print(f"selfdistill: error: {e}", file=sys.stderr)
@@ -254,10 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:  # the run stopped itself on purpose (e.g. max_bad_steps)
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        print(f"selfdistill: error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
+        return 1
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # multi-process runs end cleanly
+        dist = sys.modules.get("torch.distributed")  # only a run that imported torch can have a process group
+        if dist is not None and dist.is_available() and dist.is_initialized():  # multi-process runs end cleanly
             dist.destroy_process_group()
 
 

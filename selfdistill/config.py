@@ -6,6 +6,7 @@ Method sections (``ssd``, ``spd``, ...) are read only by their method.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,9 +15,34 @@ from selfdistill.method_configs import (OnPolicyConfig, OPSDConfig, SDFTConfig, 
                                         SSDConfig)
 from selfdistill.method_configs import CCOPDConfig, OPCoDConfig
 from selfdistill.method_configs import CritiqueConfig, GRPOConfig, SGSDConfig
-from selfdistill.objectives import DivergenceConfig
-from selfdistill.teachers import TeacherConfig
+from selfdistill.objectives.config import DivergenceConfig
 from selfdistill.rollout import SamplingConfig
+
+#: ``report_to`` destinations.
+REPORTERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class TeacherConfig:
+    """Which weights the teacher uses."""
+
+    kind: Literal["initial", "live", "ema"] = field(default="initial", metadata={
+        "help": "initial: the starting model (LoRA disabled, or a frozen copy); live: the current student; "
+                "ema: a moving average of the student."})
+    ema_rate: float = field(default=0.05, metadata={"help": "EMA: teacher <- (1-rate) teacher + rate student."})
+    ema_every: int = field(default=1, metadata={"help": "EMA: update every N optimizer steps."})
+    path: str = field(default="", metadata={
+        "help": "On-policy methods: a separate frozen teacher model (folder or hub id) with the student's "
+                "vocabulary; empty = the student's own weights (kind)."})
+
+    def __post_init__(self) -> None:
+        if self.path and self.kind != "initial":
+            raise ValueError(f"teacher.path is set, so the teacher is a separate frozen model: teacher.kind must "
+                             f"be initial, got {self.kind}")
+        if not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError(f"teacher.ema_rate must be in (0, 1], got {self.ema_rate}")
+        if self.ema_every < 1:
+            raise ValueError(f"teacher.ema_every must be >= 1, got {self.ema_every}")
 
 
 @dataclass
@@ -58,6 +84,11 @@ class DataConfig:
     train_size: int = field(default=4000, metadata={"help": "Toy train items per domain."})
     test_size: int = field(default=100, metadata={"help": "Toy test items per split and domain."})
 
+    def __post_init__(self) -> None:
+        for name, least in (("seed", 0), ("train_size", 1), ("test_size", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"data.{name} must be >= {least}, got {getattr(self, name)}")
+
 
 @dataclass
 class OptimConfig:
@@ -72,8 +103,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value):  # nan passes `< 0`; an infinite lr turns every weight into nan
+                raise ValueError(f"optim.{name} must be a finite number, got {value}")
+            if value < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {value}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
@@ -83,7 +117,12 @@ class TrainConfig:
     """A whole run. Defaults are the toy-world run of ``selfdistill train``."""
 
     method: str = field(default="spd", metadata={"help": "Method name (see `selfdistill methods`)."})
-    output_dir: str = field(default="runs/latest", metadata={"help": "Folder for model, logs, plots, checkpoints."})
+    output_dir: str = field(default="", metadata={
+        "help": "Folder for model, logs, plots, checkpoints (default: a new runs/<method>-<date>-<time>, with "
+                "runs/latest pointing at it; with --resume true: runs/latest)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a finished or failed run in output_dir (its files are deleted once the new run's "
+                "checks pass)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, sampling and init."})
     steps: int = field(default=40, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per optimizer step (global)."})
@@ -92,7 +131,8 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Most recent checkpoints kept."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "Also log to: tensorboard, wandb."})
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list, metadata={
+        "help": "Also log to: tensorboard, wandb (comma list; each must be installed)."})
     max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite steps in a row."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate the model before training."})
     eval_after: bool = field(default=True, metadata={"help": "Evaluate the model after training."})
@@ -116,6 +156,14 @@ class TrainConfig:
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        unknown = [r for r in self.report_to if r not in REPORTERS]
+        if unknown:
+            raise ValueError(f"report_to: {unknown[0]!r} is not one of {list(REPORTERS)}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume are both true: continue the run (resume) or replace it "
+                             "(overwrite), not both")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.micro_batch_size < 1:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Container, Literal, get_args, get_origin
 
 import yaml
 
@@ -92,7 +95,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ConfigError(f"{key}: expected a number, got {value!r}")
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan passes every range check; no setting means infinity
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
         if tp is str:
             if not isinstance(value, (str, int, float)):
                 raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -117,7 +123,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+        # A section's own check may call a field ``DivergenceConfig.beta``: name it as the flag does.
+        msg = re.sub(rf"\b{cls.__name__}\.(?=\w)", prefix, str(e)) if prefix else str(e)
+        if prefix and prefix not in msg:
+            msg = f"{prefix.rstrip('.')}: {msg}"
+        raise ConfigError(msg if prefix else f"{cls.__name__}: {msg}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -135,13 +145,43 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return conv(obj)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):  # construct_mapping reports it
+            continue
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"line {line}: duplicate key {key!r} (first given on line {seen[key]})")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with an error that names the file."""
+    """Read a YAML mapping (UTF-8, no duplicate keys), with an error that names the file."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a folder") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start})") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}, {e}") from None
     except (OSError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config file {p} is not readable YAML: {first}") from None
@@ -164,17 +204,37 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasse
     return out
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--dotted.name`` flag per leaf field of ``cls``, help from field metadata."""
+def _doc_line(cls: type) -> str | None:
+    """The first line of a class's own docstring (not the signature dataclasses writes for undocumented ones)."""
+    doc = (cls.__doc__ or "").strip()
+    return None if not doc or doc.startswith(f"{cls.__name__}(") else doc.splitlines()[0]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, show: Container[str] | None = None) -> None:
+    """One ``--dotted.name`` flag per leaf field of ``cls``, help from field metadata, grouped by section.
+
+    A section is the first part of the name (top-level fields form ``settings``), headed by its
+    dataclass's docstring. With ``show``, only those sections are listed in the help (a long tree stays
+    readable); every flag is accepted either way.
+    """
+    hints = _hints(cls)
+    groups: dict[str, Any] = {}
     for name, tp, f in _leaf_fields(cls):
+        section = name.split(".", 1)[0] if "." in name else "settings"
+        if show is not None and section not in show:  # accepted, not listed
+            parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
+        if section not in groups:
+            owner = cls if section == "settings" else _unwrap_optional(hints[section])[0]
+            groups[section] = parser.add_argument_group(section, _doc_line(owner))
         inner, _ = _unwrap_optional(tp)
         help_ = f.metadata.get("help", "")
         if get_origin(inner) is Literal:
             help_ += f" Choices: {', '.join(map(str, get_args(inner)))}."
         default = f.default if f.default is not dataclasses.MISSING else None
-        if default is not None and not isinstance(default, (list, dict)):
+        if default not in (None, "") and not isinstance(default, (list, dict)):
             help_ += f" (default: {default})"
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=help_)
+        groups[section].add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=help_)
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

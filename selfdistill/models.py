@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -48,11 +49,23 @@ def check_causal_lm(path: str, trust_remote_code: bool = False, setting: str = "
     return cfg
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer, left-padded, with a pad token (EOS if it has none)."""
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "model.path"):
+    """The tokenizer, left-padded, with a pad token (EOS if it has none); one-line errors naming ``setting``."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{setting} {path}: cannot load its tokenizer ({_first_line(e)})") from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"{setting} {path}: the tokenizer has neither a pad nor an eos token, so batches "
+                              "cannot be padded and completions never end; set eos_token (and pad_token) in "
+                              "tokenizer_config.json")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -62,8 +75,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
     path = resolve_model_path(cfg.path)
     check_causal_lm(path, cfg.trust_remote_code)
     tok = load_tokenizer(path, cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype],
-                                                 trust_remote_code=cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype],
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # torn weights, shapes that differ
+        raise ConfigError(f"model.path {cfg.path}: cannot load the model ({_first_line(e)})") from None
     if device is not None:
         model.to(device)
     if cfg.lora.enabled:

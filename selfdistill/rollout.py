@@ -18,12 +18,14 @@ to ``hf`` while a view's hooks are installed).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-import torch
-
 from selfdistill.sequences import encode_prompts
+
+# torch is imported inside generate(): the config tree imports this module, and `selfdistill --help` must not
+# pay for torch.
 
 
 @dataclass
@@ -45,18 +47,21 @@ class SamplingConfig:
         "help": "vllm backend: share of GPU memory the engine may take (the rest is left to training)."})
 
     def __post_init__(self) -> None:
+        # Named as the flags of the section this config sits in (``rollout`` in every command).
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"rollout.batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"rollout.temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"rollout.top_k must be >= 0, got {self.top_k}")
         if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"sampling.backend must be 'hf' or 'vllm', got {self.backend!r}")
+            raise ValueError(f"rollout.backend must be 'hf' or 'vllm', got {self.backend!r}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError("sampling.vllm_gpu_memory_utilization must be in (0, 1], "
+            raise ValueError("rollout.vllm_gpu_memory_utilization must be in (0, 1], "
                              f"got {self.vllm_gpu_memory_utilization}")
 
 
@@ -79,7 +84,6 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
              generator_seed: int | None = None, progress=None) -> Rollouts:
     """Sample one completion per formatted prompt, in batches, left-padded.
@@ -87,6 +91,16 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
     Completions are cut after the first EOS (kept, so SFT learns to stop);
     ``texts`` are decoded without special tokens.
     """
+    import torch
+
+    with torch.no_grad():
+        return _generate(model, tokenizer, prompts, cfg, generator_seed, progress)
+
+
+def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, generator_seed: int | None,
+              progress) -> Rollouts:
+    import torch
+
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(tokenizer, model)

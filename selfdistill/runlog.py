@@ -11,6 +11,7 @@ and installed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,6 +21,48 @@ import yaml
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import to_dict
 from selfdistill.evaluate import SplitResult, format_table, results_to_json
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and one rename: a crash or a full disk never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class HeldLog:
+    """The run's ``say`` before its folder exists: lines are shown at once and written to run.log later.
+
+    Everything before :meth:`attach` (loading, the method's pre-checks) may still fail; a run that fails
+    then leaves no folder behind.
+    """
+
+    def __init__(self, echo: Callable[[str], None] | None = None, is_main: bool = True) -> None:
+        self.echo = echo if echo is not None else print
+        self.is_main = is_main
+        self.held: list[str] = []
+        self.runlog: RunLog | None = None
+
+    def __call__(self, msg: str) -> None:
+        if self.runlog is not None:
+            self.runlog.say(msg)
+        elif self.is_main:
+            self.echo(msg)
+            self.held.append(msg)
+
+    def attach(self, runlog: "RunLog") -> None:
+        """From now on, lines go to ``runlog``; the held ones are written to run.log first."""
+        for msg in self.held:
+            runlog.say(msg, echo=False)
+        self.held.clear()
+        self.runlog = runlog
 
 
 class RunLog:
@@ -33,7 +76,7 @@ class RunLog:
         if not is_main:
             return
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(out / "run_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if "tensorboard" in cfg.report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -49,11 +92,12 @@ class RunLog:
             except ImportError:
                 self.say("report_to wandb: wandb is not installed, skipped")
 
-    def say(self, msg: str) -> None:
-        """A line for the console and run.log."""
+    def say(self, msg: str, echo: bool = True) -> None:
+        """A line for the console (unless ``echo`` is false: already shown) and run.log."""
         if not self.is_main:
             return
-        self.echo(msg)
+        if echo:
+            self.echo(msg)
         with open(self.out / "run.log", "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 

@@ -9,9 +9,10 @@ a sequence's positions never depend on how much padding sits beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: the prompt helpers here serve `--help`-fast paths
+    import torch
 
 
 def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
@@ -80,6 +81,8 @@ def make_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
     If ``max_len`` is given, longer sequences lose their completion's tail
     (the prompt is never cut: a prompt longer than ``max_len`` is an error).
     """
+    import torch
+
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     rows = []
@@ -172,6 +175,8 @@ def _forward_shared_prefix(base, batch: SequenceBatch) -> torch.Tensor | None:
 
     The hidden states are put back in the (B, T, H) layout (zeros on padding).
     """
+    import torch
+
     ids, attn, comp, pos = (batch.input_ids_BT, batch.attention_mask_BT.bool(), batch.completion_mask_BT.bool(),
                             batch.position_ids_BT)
     B, T = ids.shape
@@ -205,6 +210,8 @@ def _forward_shared_prefix(base, batch: SequenceBatch) -> torch.Tensor | None:
 
 
 def _tree_forward(base, batch: SequenceBatch, prompts, group, start, Lt: int, plen, length) -> torch.Tensor:
+    import torch
+
     ids = batch.input_ids_BT
     B, T = ids.shape
     U, device = len(prompts), ids.device
@@ -238,6 +245,8 @@ def _tree_forward(base, batch: SequenceBatch, prompts, group, start, Lt: int, pl
 
 
 def _two_stage_forward(base, batch: SequenceBatch, prompts, group, plen, length) -> torch.Tensor:
+    import torch
+
     ids, comp = batch.input_ids_BT, batch.completion_mask_BT.bool()
     B, T = ids.shape
     U, device = len(prompts), ids.device

@@ -16,33 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 
-
-@dataclass
-class TeacherConfig:
-    """Which weights the teacher uses."""
-
-    kind: Literal["initial", "live", "ema"] = field(default="initial", metadata={
-        "help": "initial: the starting model (LoRA disabled, or a frozen copy); live: the current student; "
-                "ema: a moving average of the student."})
-    ema_rate: float = field(default=0.05, metadata={"help": "EMA: teacher <- (1-rate) teacher + rate student."})
-    ema_every: int = field(default=1, metadata={"help": "EMA: update every N optimizer steps."})
-    path: str = field(default="", metadata={
-        "help": "On-policy methods: a separate frozen teacher model (folder or hub id) with the student's "
-                "vocabulary; empty = the student's own weights (kind)."})
-
-    def __post_init__(self) -> None:
-        if self.path and self.kind != "initial":
-            raise ValueError(f"teacher.path is set, so the teacher is a separate frozen model: teacher.kind must "
-                             f"be initial, got {self.kind}")
-        if not 0.0 < self.ema_rate <= 1.0:
-            raise ValueError(f"teacher.ema_rate must be in (0, 1], got {self.ema_rate}")
-        if self.ema_every < 1:
-            raise ValueError(f"teacher.ema_every must be >= 1, got {self.ema_every}")
+from selfdistill.config import TeacherConfig  # noqa: F401  (defined with the config tree, torch-free)
 
 
 def _is_peft(model) -> bool:

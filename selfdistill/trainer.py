@@ -2,8 +2,10 @@
 
 Read top to bottom, :func:`train` is the whole run:
 
-1. validate everything and load (nothing is written before this succeeds);
-2. evaluate before, let the method set itself up (e.g. SPD's subspace);
+1. validate everything, load, let the method check what needs the model
+   (SPD's probe); nothing is written before this succeeds, then the run's
+   folder is made (:mod:`selfdistill.rundir`);
+2. evaluate before, let the method set itself up;
 3. each step: the method makes the batch (rollouts, teacher views), the loss
    is accumulated over micro-batches normalised by the global token count,
    gradients are averaged over processes, clipped, stepped;
@@ -23,7 +25,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,11 +38,12 @@ from selfdistill.checkpoint import (latest_checkpoint, load_state, load_weights_
                                     save_checkpoint, set_rng_state)
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, to_dict
+from selfdistill.errors import TrainingStopped  # noqa: F401  (raised below; importable from here as before)
 from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to_json
 from selfdistill.methods.base import Context, get_method
 from selfdistill.models import load_model, unwrap
 from selfdistill.objectives import global_token_count
-from selfdistill.runlog import RunLog
+from selfdistill.runlog import HeldLog, RunLog
 from selfdistill.tasks.registry import ItemStream, build_tasks
 
 
@@ -73,10 +76,6 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def _step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
     """Each step reseeds sampling, so a resumed run draws what an uninterrupted one would."""
     return (cfg.seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped itself on purpose (e.g. ``max_bad_steps`` non-finite steps in a row)."""
 
 
 @contextmanager
@@ -122,6 +121,11 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator: Accelerator
         pos += n
 
 
+def _all_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Every element of every parameter is finite (one device sync for all of them)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
 def _any_process(flag: bool, accelerator: Accelerator) -> bool:
     """True on every process if ``flag`` is true on any (keeps the processes in step)."""
     if accelerator.num_processes == 1:
@@ -155,24 +159,23 @@ def prepare_run(cfg: TrainConfig):
 
 
 def _prepare_run(cfg: TrainConfig):
-    from selfdistill.validation import check_models_and_prompts, check_solutions
+    from selfdistill import validation
+    from selfdistill.rundir import check_output_dir, resume_dir
 
     method_cls = get_method(cfg.method)  # unknown method -> clear error
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not cfg.resume and (out / "run_config.yaml").exists():
-        raise ConfigError(f"output_dir {out} already holds a run; pass --resume true to continue it "
-                          "or choose another --output_dir")
-    if cfg.resume and latest_checkpoint(out / "checkpoints") is None:
-        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    check_output_dir(cfg)
+    if cfg.resume and latest_checkpoint(resume_dir(cfg) / "checkpoints") is None:
+        raise ConfigError(f"--resume: no checkpoint in {resume_dir(cfg) / 'checkpoints'}")
     world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun / accelerate launch
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    validation.check_environment(cfg)
+    validation.check_templates(cfg, method_cls.sections)
     tasks = build_tasks(cfg.data)
     for t in tasks:
         t.items("train")  # bad data fails here, naming file/row/field
-    if cfg.eval_before or cfg.eval_after or cfg.eval.every:
+    evaluated = bool(cfg.eval_before or cfg.eval_after or cfg.eval.every)
+    if evaluated:
         if not cfg.eval.splits:
             raise ConfigError("eval.splits is empty but evaluation is on; name splits or set "
                               "--eval_before false --eval_after false")
@@ -183,11 +186,44 @@ def _prepare_run(cfg: TrainConfig):
                 except KeyError as e:
                     raise ConfigError(f"data.tasks {spec!r}: {e.args[0] if e.args else e}; evaluation needs it: "
                                       "set --eval.splits or --eval_before false --eval_after false") from None
+    validation.check_items(cfg, tasks, evaluated=evaluated)
     if getattr(method_cls, "requires_solution", False):
-        check_solutions(cfg, tasks)
-    check_models_and_prompts(cfg, method_cls, tasks)
+        validation.check_solutions(cfg, tasks)
+    validation.check_models_and_prompts(cfg, method_cls, tasks)
     method_cls.check(cfg, tasks)  # the method's own settings and data (default: nothing)
     return method_cls, tasks
+
+
+def _open_run_folder(cfg: TrainConfig, accelerator: Accelerator, say: HeldLog) -> tuple[TrainConfig, RunLog]:
+    """Create (or empty, or reopen) the run's folder and write its record; every check has passed by now.
+
+    The main process picks the folder (a fresh default name is unique) and tells the others. If even the
+    run's record cannot be written (full disk, read-only folder), the folder this run made is removed.
+    """
+    from selfdistill.rundir import RUNS, claim_output_dir, point_latest, release_output_dir
+
+    try:
+        chosen = [claim_output_dir(cfg) if accelerator.is_main_process else None]
+    except OSError as e:
+        raise ConfigError(f"output_dir {cfg.output_dir or RUNS}: cannot create it ({e.strerror or e})") from None
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    out, made = chosen[0]
+    fresh_default = not cfg.output_dir and not cfg.resume
+    cfg = replace(cfg, output_dir=str(out))
+    try:
+        runlog = RunLog(out, cfg, is_main=accelerator.is_main_process, echo=say.echo)
+    except OSError as e:
+        if accelerator.is_main_process:
+            release_output_dir(out, made)
+        raise ConfigError(f"output_dir {out}: cannot write the run's files ({e.strerror or e}); nothing was "
+                          "written") from None
+    say.attach(runlog)
+    if fresh_default and accelerator.is_main_process:
+        note = point_latest(out)
+        if note:
+            say(note)
+    return cfg, runlog
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResult:
@@ -200,18 +236,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device=accelerator.device)
-    out = Path(cfg.output_dir)
-    runlog = RunLog(out, cfg, is_main=accelerator.is_main_process, echo=log)
-    say = runlog.say
+    # Until the run's folder exists, lines are shown and kept (HeldLog): a pre-check that fails leaves nothing.
+    say = HeldLog(log, is_main=accelerator.is_main_process)
     say(f"method {cfg.method}: {method_cls.summary} [{method_cls.paper}]")
     say(f"model {cfg.model.path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{world} process(es) on {accelerator.device}")
 
     system = cfg.model.system_prompt or None
     stream = ItemStream(tasks, cfg.batch_size, cfg.seed)
-    ctx = Context(cfg=cfg, model=model, tokenizer=tok, tasks=tasks, accelerator=accelerator, out_dir=out,
-                  log=say, system=system, stream=stream)
+    ctx = Context(cfg=cfg, model=model, tokenizer=tok, tasks=tasks, accelerator=accelerator,
+                  out_dir=Path(cfg.output_dir), log=say, system=system, stream=stream)
     method = method_cls(ctx)
+    if not cfg.resume:
+        method.precheck()  # e.g. SPD's probe: a model that never writes an answer fails before any file
+    cfg, runlog = _open_run_folder(cfg, accelerator, say)
+    out = Path(cfg.output_dir)
+    ctx.cfg, ctx.out_dir = cfg, out
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                             betas=tuple(cfg.optim.betas))
@@ -253,7 +293,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method}", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     step = start_step
-    with _graceful_stop(stop):
+    with _graceful_stop(stop), bar:  # closed however the loop ends, so an error prints on its own line
         for step in range(start_step, cfg.steps):
             torch.manual_seed(_step_seed(cfg, step, rank))
             # 1. rollout + targets / teacher views (the method decides).
@@ -281,6 +321,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
             if finite:
                 opt.step()
                 bad_in_row = 0
+                if not _all_finite(params):  # e.g. a huge lr: finite loss and gradient, infinite update
+                    raise TrainingStopped(
+                        f"stopping: the update of step {step + 1} made weights non-finite although its loss and "
+                        f"gradient were finite (optim.lr={cfg.optim.lr}); nothing from this step is saved, "
+                        "earlier checkpoints are untouched; lower --optim.lr")
             else:
                 skipped += 1
                 bad_in_row += 1

@@ -3,17 +3,25 @@
 Each raises one :class:`ConfigError` line that names the file, row and field,
 or the setting:
 
+- :func:`check_items`: every task has train items, and every evaluated split has items;
 - :func:`check_solutions`: methods whose teacher or target is the reference
   solution (``requires_solution``) get one for every training item;
 - :func:`check_models_and_prompts`: the student (and a separate
-  ``teacher.path``) are causal LMs with one vocabulary, and every prompt fits
-  the model's context with room for the completion.
+  ``teacher.path``) are causal LMs with one vocabulary, complete weights whose
+  shapes match their config and a working tokenizer, and every prompt fits
+  the model's context with room for the completion;
+- :func:`check_environment`: what the settings ask of this machine is here
+  (``report_to`` packages, vLLM, a GPU for fp16);
+- :func:`check_templates`: the method's prompt templates name only the placeholders it fills;
+- :func:`check_teacher_prompts` (called by on-policy methods): the longest teacher prompt fits
+  ``onpolicy.max_teacher_prompt_tokens``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError
@@ -22,6 +30,20 @@ from selfdistill.tasks.base import Item, Task
 #: Extra tokens allowed for merges across the chat template / prompt boundary
 #: before a prompt's length is measured exactly through the template.
 _MARGIN = 16
+
+
+def check_items(cfg: Any, tasks: Sequence[Task], train: bool = True, evaluated: bool = True) -> None:
+    """Every task has train items (``train``) and items in every split of ``eval.splits`` (``evaluated``)."""
+    for spec, task in zip(cfg.data.tasks, tasks):
+        files = getattr(task, "files", None) or {}
+        if train and not task.items("train"):
+            where = f"{files['train']} has no rows" if "train" in files else "no train items"
+            raise ConfigError(f"data.tasks {spec!r}: {where}; training needs at least one")
+        for split in cfg.eval.splits if evaluated else ():
+            if not task.items(split):
+                where = f"{files[split]} has no rows" if split in files else f"split {split!r} has no items"
+                raise ConfigError(f"data.tasks {spec!r}: {where}, so evaluation would measure nothing; "
+                                  "add items or drop the split from --eval.splits")
 
 
 def check_solutions(cfg: TrainConfig, tasks: Sequence[Task]) -> None:
@@ -61,8 +83,9 @@ def _vocab_size(model_cfg: Any) -> int | None:
     return v
 
 
-def _longest_over(tok, items: Sequence[Item], system: str | None, limit: int) -> tuple[Item, int] | None:
-    """The first item whose chat-formatted prompt has more than ``limit`` tokens.
+def _longest_over(tok, items: Sequence[Item], system: str | None, limit: int,
+                  texts: Sequence[str] | None = None) -> tuple[Item, int] | None:
+    """The item whose chat-formatted prompt (or ``texts[i]`` for item i) is longest, if over ``limit`` tokens.
 
     A token covers at least one byte, so prompts whose UTF-8 length plus the
     template's own length is well under the limit are skipped untokenised;
@@ -73,28 +96,90 @@ def _longest_over(tok, items: Sequence[Item], system: str | None, limit: int) ->
 
     if not items:
         return None
+    texts = [it.prompt for it in items] if texts is None else list(texts)
     overhead = len(encode_prompts(tok, [chat_prompt(tok, "", system)])[0])
-    items = [it for it in items if overhead + len(it.prompt.encode("utf-8")) + 1 > limit - _MARGIN]
-    if not items:
+    near = [(it, t) for it, t in zip(items, texts) if overhead + len(t.encode("utf-8")) + 1 > limit - _MARGIN]
+    if not near:
         return None
-    raw = tok([it.prompt for it in items], add_special_tokens=False)["input_ids"]
-    for it, ids in zip(items, raw):
-        if overhead + len(ids) > limit - _MARGIN:
-            n = len(encode_prompts(tok, [chat_prompt(tok, it.prompt, system)])[0])
-            if n > limit:
-                return it, n
+    raw = tok([t for _, t in near], add_special_tokens=False)["input_ids"]
+    longest_first = sorted(zip(near, raw), key=lambda pair: -len(pair[1]))
+    for (it, text), ids in longest_first:
+        if overhead + len(ids) <= limit - _MARGIN:
+            break
+        n = len(encode_prompts(tok, [chat_prompt(tok, text, system)])[0])
+        if n > limit:
+            return it, n
     return None
 
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _check_weights(path: str, setting: str) -> None:
-    """A local model folder holds weights (a hub id is left to the download)."""
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header (tensor names, shapes, offsets); ValueError if it is truncated or not one."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes: empty or truncated, not a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"truncated: its header needs {n} bytes, the file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("not a safetensors file (unreadable header)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"truncated: {size} bytes, its tensors need {8 + n + end}")
+    return tensors
+
+
+def _check_shapes(path: Path, shapes: dict[str, list[int]], model_cfg: Any, trust: bool, setting: str) -> None:
+    """The weights' shapes are those the config builds (a model built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=trust)
+    except Exception:  # an exotic architecture: loading will tell
+        return
+    for name, param in model.state_dict().items():
+        want = list(param.shape)
+        if name in shapes and shapes[name] != want:
+            raise ConfigError(f"{setting} {path}: weight {name} has shape {shapes[name]} but config.json builds "
+                              f"{want}; the config does not belong to these weights")
+
+
+def _check_weights(path: str, setting: str, model_cfg: Any = None, trust: bool = False) -> None:
+    """A local model folder holds complete weights, shaped as its config says (a hub id is left to the download)."""
     p = Path(path)
-    if p.is_dir() and not any(next(p.glob(g), None) for g in _WEIGHTS):
+    if not p.is_dir():
+        return
+    if not any(next(p.glob(g), None) for g in _WEIGHTS):
         raise ConfigError(f"{setting} {path}: no weights there (model.safetensors, pytorch_model.bin or a "
                           "sharded index); expected a Hugging Face model folder")
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            shapes.update({k: list(v["shape"]) for k, v in _safetensors_header(f).items()})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{setting} {path}: {f.name} is {e}") from None
+    if shapes and model_cfg is not None:
+        _check_shapes(p, shapes, model_cfg, trust, setting)
+
+
+def check_tokenizer(path: str, trust: bool = False, setting: str = "model.path"):
+    """The folder's tokenizer loads, encodes text, and can end a completion (pad or eos); returned."""
+    from selfdistill.models import load_tokenizer
+
+    tok = load_tokenizer(path, trust, setting=setting)
+    if not tok("Hello world, 1 + 1 = 2", add_special_tokens=False)["input_ids"]:
+        raise ConfigError(f"{setting} {path}: no working tokenizer there (it encodes text to no tokens; are "
+                          "tokenizer.json / tokenizer_config.json missing?)")
+    return tok
 
 
 def _where(spec: str, task: Task, split: str, item: Item) -> str:
@@ -111,8 +196,8 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
     path = resolve_model_path(cfg.model.path)
     trust = cfg.model.trust_remote_code
     model_cfg = check_causal_lm(path, trust)
-    _check_weights(path, "model.path")
-    tok = None
+    _check_weights(path, "model.path", model_cfg, trust)
+    tok = check_tokenizer(path, trust)
 
     if cfg.teacher.path:
         from selfdistill.methods.base import REGISTRY
@@ -124,13 +209,12 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
                               f"(teacher.path is for the on-policy methods: {users})")
         tpath = resolve_model_path(cfg.teacher.path)
         teacher_cfg = check_causal_lm(tpath, trust, setting="teacher.path")
-        _check_weights(tpath, "teacher.path")
+        _check_weights(tpath, "teacher.path", teacher_cfg, trust)
         sv, tv = _vocab_size(model_cfg), _vocab_size(teacher_cfg)
         if sv != tv:
             raise ConfigError(f"teacher.path {cfg.teacher.path} has a vocabulary of {tv} tokens but the student "
                               f"(model.path {cfg.model.path}) has {sv}; a separate teacher must share the "
                               "student's tokenizer")
-        tok = load_tokenizer(path, trust)
         try:
             teacher_tok = load_tokenizer(tpath, trust)
         except Exception:  # a weights-only folder: the vocabulary size check above is what we can do
@@ -145,7 +229,6 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
     checks = [("train", cfg.rollout.max_new_tokens, "rollout.max_new_tokens", 0)]
     if cfg.eval_before or cfg.eval_after or cfg.eval.every:
         checks += [(s, cfg.eval.max_new_tokens, "eval.max_new_tokens", cfg.eval.max_items) for s in cfg.eval.splits]
-    tok = tok or load_tokenizer(path, trust)
     system = cfg.model.system_prompt or None
     for split, new_tokens, setting, max_items in checks:
         limit = ctx - new_tokens
@@ -160,3 +243,88 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
                 raise ConfigError(f"{_where(spec, task, split, item)}: the prompt has {n} tokens (chat template "
                                   f"included); model.path {cfg.model.path} has a {ctx}-token context and "
                                   f"{setting}={new_tokens} leaves {limit} for the prompt")
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """What the settings ask of this machine is here: ``report_to`` packages, vLLM, a GPU for fp16."""
+    import importlib.util
+
+    import torch
+
+    for name in cfg.report_to:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"report_to {name}: {name} is not installed (pip install {name}); install it or "
+                              "drop it from --report_to")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision fp16 needs a CUDA GPU and there is none here; use --mixed_precision "
+                          "bf16 or no")
+    if cfg.rollout.backend == "vllm":
+        from selfdistill import vllm_backend
+
+        reason = vllm_backend.unavailable_reason()
+        if reason:
+            raise ConfigError(f"rollout.backend vllm: {reason}; use --rollout.backend hf")
+
+
+#: The prompt templates of each settings section, with the placeholders its method fills them with.
+TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "opsd": {"template": ("problem", "solution")},
+    "sdft": {"template": ("problem", "demonstration")},
+    "sdpo": {"template": ("problem", "attempt")},
+    "sgsd": {"template": ("problem", "guidance"), "extract_template": ("problem", "attempt", "outcome", "n", "what")},
+    "critique": {"critic_template": ("problem", "answer", "attempt"),
+                 "reward_template": ("problem", "attempt", "verdict"),
+                 "reference_template": ("problem", "solution"),
+                 "step_template": ("problem", "attempt", "critique")},
+    "opcod": {"template": ("problem", "context"), "feedback_template": ("quantities", "solution")},
+}
+
+
+def check_template(setting: str, template: str, placeholders: Sequence[str]) -> None:
+    """``template`` can be filled with ``placeholders`` (found now, not at the first step that uses it)."""
+    known = ", ".join("{" + p + "}" for p in placeholders)
+    try:
+        template.format(**dict.fromkeys(placeholders, ""))
+    except KeyError as e:
+        raise ConfigError(f"{setting}: unknown placeholder {{{e.args[0]}}}; known: {known} (write a literal "
+                          "brace as {{ or }})") from None
+    except (IndexError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{setting}: cannot be filled ({e}); placeholders are {known}, a literal brace is "
+                          "{{ or }}") from None
+
+
+def check_templates(cfg: TrainConfig, sections: Iterable[str]) -> None:
+    """Every template of the method's settings sections."""
+    for section in sections:
+        for name, placeholders in TEMPLATES.get(section, {}).items():
+            check_template(f"{section}.{name}", getattr(getattr(cfg, section), name), placeholders)
+
+
+def check_teacher_prompts(cfg: TrainConfig, items: Sequence[Item], users: Sequence[str], note: str = "") -> None:
+    """The longest teacher prompt (``users[i]`` for train item i, chat template included) fits
+    ``onpolicy.max_teacher_prompt_tokens``; ``note`` says what the prompts leave out (e.g. the rollout)."""
+    from selfdistill.models import resolve_model_path
+
+    limit = cfg.onpolicy.max_teacher_prompt_tokens
+    tok = check_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    over = _longest_over(tok, items, cfg.model.system_prompt or None, limit, texts=users)
+    if over is not None:
+        item, n = over
+        raise ConfigError(f"onpolicy.max_teacher_prompt_tokens={limit}: the teacher prompt of train item "
+                          f"{item.id!r} has {n} tokens (chat template included{note}); raise it to at least {n} "
+                          "or shorten the template")
+
+
+def check_skill_bank(path: str) -> None:
+    """``sgsd.bank_path`` is a skill bank file (JSON written by ``selfdistill sgsd skills``)."""
+    from selfdistill.sgsd import SkillBank
+
+    try:
+        SkillBank.load(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"sgsd.bank_path {path}: not UTF-8 text, so not a skill bank (JSON)") from None
+    except (FileNotFoundError, ValueError) as e:  # their messages name sgsd.bank_path
+        raise ConfigError(str(e)) from None
+    except (KeyError, TypeError, AttributeError, OSError) as e:
+        raise ConfigError(f"sgsd.bank_path {path}: not a skill bank ({type(e).__name__}: {e}); build one with "
+                          "`selfdistill sgsd skills --out FILE`") from None

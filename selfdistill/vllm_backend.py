@@ -116,6 +116,20 @@ def set_engine_factory(factory: EngineFactory | None) -> None:
     _engines.clear()
 
 
+def unavailable_reason() -> str | None:
+    """Why ``rollout.backend vllm`` cannot run here, or None (checked before a run starts, not discovered
+    mid-run as a silent fallback to ``hf``). An engine factory set for tests counts as available."""
+    import importlib.util
+
+    if _factory is not _default_factory:
+        return None
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install vllm; see docs/vllm.md)"
+    if not torch.cuda.is_available():
+        return "vLLM needs a CUDA GPU and there is none here"
+    return None
+
+
 def usable(model: nn.Module) -> bool:
     """False when vLLM cannot reproduce the model's forward: hooks installed or weights folded (an activation
     view, see :func:`selfdistill.spd.projection.fold_kv`), or no GPU model.

@@ -377,6 +377,43 @@ def test_too_many_bad_steps_stop_the_run_with_a_clear_message(tiny_model_dir, tm
     assert "selfdistill: error: stopping: 3 steps in a row had a non-finite loss" in err
 
 
+def test_nonfinite_update_is_never_published(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 14, item 5: a step whose loss and gradient are finite but whose update is not (an infinite
+    learning rate, as the Python API can still set) stops the run at once; neither that step's weights nor
+    a final model are saved, and the checkpoint before it stays intact and finite."""
+    import selfdistill.trainer as trainer
+
+    finite_then_inf = lambda cfg: (lambda step: 1.0 if step < 1 else float("inf"))  # noqa: E731
+    monkeypatch.setattr(trainer, "_lr_lambda", finite_then_inf)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"the update of step 2 made weights non-finite although its loss "
+                                              r"and gradient were finite \(optim.lr=0.001\)"):
+        train(cfg_of(tiny_model_dir, out, method="sft", steps=3, save_every=1), **QUIET)
+    assert not (out / "model").exists()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000001"]
+    assert all(torch.isfinite(w).all() for w in weights(out / "checkpoints" / "step-000001").values())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # The same through the command line: one line, exit 1.
+    capsys.readouterr()
+    rc = main(["train", *flags_of(tiny_model_dir, tmp_path / "cli", method="sft", steps=3)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("selfdistill")]  # (the progress bar shares stderr)
+    assert len(lines) == 1 and lines[0].startswith("selfdistill: error: stopping: the update of step 2 made "
+                                                   "weights non-finite")
+    assert not (tmp_path / "cli" / "model").exists()
+
+
+def test_infinite_learning_rate_set_through_the_api_is_caught_by_the_update_check(tiny_model_dir, tmp_path):
+    """The reported case: optim.lr=inf (the flag is refused up front; a dataclass can still be edited)."""
+    cfg = cfg_of(tiny_model_dir, tmp_path / "run", method="sft", steps=2)
+    cfg.optim.lr = float("inf")
+    with pytest.raises(TrainingStopped, match=r"update of step 1 made weights non-finite .*optim.lr=inf"):
+        train(cfg, **QUIET)
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_all_masked_batch_gives_zero_loss_not_nan(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -7,7 +7,11 @@ run's output folder does not exist afterwards.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,6 +80,71 @@ def _yaml(tmp: Path, text: str) -> list[str]:
     return ["--config", str(p)]
 
 
+def _yaml_bytes(tmp: Path, data: bytes) -> list[str]:
+    p = tmp / "c.yaml"
+    p.write_bytes(data)
+    return ["--config", str(p)]
+
+
+def _file(tmp: Path, name: str, text: str) -> str:
+    (tmp / name).write_text(text)
+    return str(tmp / name)
+
+
+def _edited_model(tmp: Path, model_dir: str, edit) -> str:
+    """A copy of the tiny model folder with ``edit(folder)`` applied."""
+    d = tmp / "edited"
+    shutil.copytree(model_dir, d)
+    edit(d)
+    return str(d)
+
+
+def _truncate_weights(d: Path) -> None:
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def _widen_config(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, head_dim=16)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _drop_tokenizer(d: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (d / name).unlink(missing_ok=True)
+
+
+def _no_pad_no_eos(d: Path) -> None:
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(pad_token=None, eos_token=None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def _empty_split(tmp: Path, split: str) -> list[str]:
+    """A JSONL folder whose ``split`` file has no rows (the other of train / test_id has one)."""
+    d = tmp / "data"
+    for name in ("train", "test_id"):
+        _jsonl(d / f"{name}.jsonl", [] if name == split else [_row(0)])
+    return ["--data.tasks", f"jsonl:{d}", "--eval.splits", "test_id"]
+
+
+def _neox_dir(tmp: Path) -> str:
+    """A tiny GPT-NeoX: fused per-head q/k/v (query_key_value), which SPD's K/V adapter does not handle."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from selfdistill.toy.tokenizer import build_toy_tokenizer
+
+    tok = build_toy_tokenizer()
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id)
+    path = tmp / "neox"
+    GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def _no_solutions(tmp: Path, method: str) -> list[str]:
     d = tmp / "nosol"
     _jsonl(d / "train.jsonl", [_row(0), _row(1, solution=None), _row(2)])
@@ -101,7 +170,8 @@ CASES = [
      "eval.greedy is false and eval.samples is 0: nothing to measure"),
     ("spd-rank-and-energy-zero", lambda t, m: ["--spd.rank", "0", "--spd.energy", "0"],
      "spd.rank is 0 and spd.energy is 0: set one of them"),
-    ("negative-temperature", lambda t, m: ["--rollout.temperature", "-1"], "temperature must be >= 0"),
+    ("negative-temperature", lambda t, m: ["--rollout.temperature", "-1"],
+     "rollout.temperature must be a finite number >= 0, got -1.0"),
     ("yaml-missing", lambda t, m: ["--config", str(t / "nope.yaml")], "nope.yaml does not exist"),
     ("yaml-unreadable", lambda t, m: _yaml(t, "steps: [1, 2\n"), "c.yaml is not readable YAML"),
     ("yaml-not-a-mapping", lambda t, m: _yaml(t, "- 1\n- 2\n"), "c.yaml must hold a mapping at the top level"),
@@ -146,7 +216,84 @@ CASES = [
     ("batch-not-divisible", lambda t, m: (["--batch_size", "4"], {"WORLD_SIZE": "3"}),
      "batch_size 4 is not divisible by the 3 processes"),
     ("resume-without-checkpoint", lambda t, m: ["--resume", "true"], "--resume: no checkpoint in"),
+    # Issue 14, item 4: found before anything is written, one line naming the setting, file, row or field.
+    ("yaml-not-utf8", lambda t, m: _yaml_bytes(t, b"model:\n  system_prompt: caf\xe9\n"),
+     "c.yaml is not UTF-8 text (byte 0xe9 at offset 27)"),
+    ("yaml-duplicate-key", lambda t, m: _yaml(t, "steps: 1\noptim:\n  lr: 0.1\nsteps: 2\n"),
+     "c.yaml, line 4: duplicate key 'steps' (first given on line 1)"),
+    ("lr-nan", lambda t, m: ["--optim.lr", "nan"], "optim.lr: must be a finite number, got 'nan'"),
+    ("lr-inf", lambda t, m: ["--optim.lr", "inf"], "optim.lr: must be a finite number, got 'inf'"),
+    ("rollout-batch-size-zero", lambda t, m: ["--rollout.batch_size", "0"], "rollout.batch_size must be >= 1, got 0"),
+    ("spd-layers-unreadable", lambda t, m: ["--method", "spd", "--spd.layers", "abc"], "spd.layers: cannot read 'abc'"),
+    ("spd-layers-out-of-range", lambda t, m: ["--method", "spd", "--spd.layers", "99"],
+     "spd.layers 99: model.path {m} has layers 0..1"),
+    ("template-unknown-placeholder", lambda t, m: ["--method", "opsd", "--opsd.template", "{problem} {answer}"],
+     "opsd.template: unknown placeholder {{answer}}; known: {{problem}}, {{solution}}"),
+    ("sgsd-template-unknown-placeholder", lambda t, m: ["--method", "sgsd", "--sgsd.template", "{problem} {skill}"],
+     "sgsd.template: unknown placeholder {{skill}}; known: {{problem}}, {{guidance}}"),
+    ("teacher-prompt-over-limit", lambda t, m: ["--method", "opsd", "--onpolicy.max_teacher_prompt_tokens", "20"],
+     "onpolicy.max_teacher_prompt_tokens=20: the teacher prompt of train item"),
+    ("spd-subspace-path-missing", lambda t, m: ["--method", "spd", "--spd.subspace_path", str(t / "none.safetensors")],
+     "spd.subspace_path {t}/none.safetensors: no such file"),
+    ("spd-subspace-path-not-a-subspace", lambda t, m: ["--method", "spd", "--spd.subspace_path",
+                                                       _file(t, "s.safetensors", "junk")],
+     "spd.subspace_path {t}/s.safetensors: not a readable subspace file"),
+    ("sgsd-bank-not-json", lambda t, m: ["--method", "sgsd", "--sgsd.bank_path", _file(t, "bank.json", "not json")],
+     "sgsd.bank_path {t}/bank.json: not JSON"),
+    ("seed-negative", lambda t, m: ["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+    ("train-jsonl-empty", lambda t, m: _empty_split(t, "train"),
+     "train.jsonl has no rows; training needs at least one"),
+    ("train-size-zero", lambda t, m: ["--data.train_size", "0"], "data.train_size must be >= 1, got 0"),
+    ("weights-truncated", lambda t, m: ["--model.path", _edited_model(t, m, _truncate_weights)],
+     "edited: model.safetensors is truncated"),
+    ("weights-empty", lambda t, m: ["--model.path", _edited_model(t, m, lambda d: (d / "model.safetensors")
+                                                                    .write_bytes(b""))],
+     "edited: model.safetensors is 0 bytes: empty or truncated"),
+    ("config-shapes-differ-from-weights", lambda t, m: ["--model.path", _edited_model(t, m, _widen_config)],
+     "edited: weight model.embed_tokens.weight has shape [460, 32] but config.json builds [460, 64]"),
+    ("no-tokenizer-files", lambda t, m: ["--model.path", _edited_model(t, m, _drop_tokenizer)],
+     "edited: no working tokenizer there"),
+    ("tokenizer-without-pad-or-eos", lambda t, m: ["--model.path", _edited_model(t, m, _no_pad_no_eos)],
+     "edited: the tokenizer has neither a pad nor an eos token"),
+    ("report-to-unknown", lambda t, m: ["--report_to", "foo"],
+     "report_to[0]: 'foo' is not one of ['tensorboard', 'wandb']"),
+    ("eval-split-without-items", lambda t, m: _empty_split(t, "test_id"),
+     "test_id.jsonl has no rows, so evaluation would measure nothing"),
+    ("eval-toy-split-without-items", lambda t, m: ["--data.test_size", "0"],
+     "data.tasks 'toy-math': split 'test_id' has no items, so evaluation would measure nothing"),
+    ("flag-name-rollout", lambda t, m: ["--rollout.top_p", "2"], "rollout.top_p must be in (0, 1], got 2.0"),
+    ("flag-name-distill", lambda t, m: ["--distill.beta", "2"], "distill.beta=2.0 is outside [0, 1]"),
+    # Issue 15, item 1: SPD's own errors arrive before the evaluation before training (and write nothing).
+    ("spd-selector-finds-no-answer", lambda t, m: ["--method", "spd", "--spd.probe_size", "1",
+                                                   "--spd.probe_samples", "1"],
+     "spd.selector=answer: none of the 1 probe completions had correctness-defining tokens"),
+    ("spd-unsupported-architecture", lambda t, m: ["--method", "spd", "--model.path", _neox_dir(t)],
+     "method spd: model.path {t}/neox: GPTNeoXForCausalLM: no K/V projections found"),
 ]
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Refused up front instead of accepted silently; each depends on what this machine has.
+if not _installed("wandb"):
+    CASES.append(("report-to-not-installed", lambda t, m: ["--report_to", "wandb"],
+                  "report_to wandb: wandb is not installed"))
+if not _installed("vllm"):
+    CASES.append(("vllm-not-installed", lambda t, m: ["--rollout.backend", "vllm"],
+                  "rollout.backend vllm: vLLM is not installed"))
+if not _cuda():
+    CASES.append(("fp16-on-cpu", lambda t, m: ["--mixed_precision", "fp16"],
+                  "mixed_precision fp16 needs a CUDA GPU and there is none here"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -164,13 +311,70 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model_dir, tmp_path
             "--rollout.max_new_tokens", "12", "--eval.max_new_tokens", "12", *extra]
     capsys.readouterr()  # drop what building the inputs printed
     rc = main(argv)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc == 2, err
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("selfdistill"), err
-    assert expected.format(t=inputs) in lines[0], lines[0]
+    assert expected.format(t=inputs, m=tiny_model_dir) in lines[0], lines[0]
     assert not out.exists(), f"a rejected run wrote {sorted(p.name for p in out.iterdir())}"
+    assert "evaluating before training" not in captured.out  # found before the first evaluation
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("selfdistill: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _train_argv(model_dir: str, out: Path) -> list[str]:
+    return ["train", "--model.path", model_dir, "--output_dir", str(out), "--method", "sft", "--steps", "1",
+            "--batch_size", "2", "--data.train_size", "6", "--data.test_size", "2", *_no_eval()]
+
+
+def test_read_only_output_folder_is_refused_before_anything(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: make the write probe meet what any other user would
+        def denied(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    try:
+        rc = main(_train_argv(tiny_model_dir, parent / "run"))
+        line = _one_error_line(capsys)
+    finally:
+        parent.chmod(0o755)
+    assert rc == 2
+    assert f"output_dir {parent / 'run'}: cannot write in {parent} (Permission denied)" in line
+    assert list(parent.iterdir()) == []
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_record(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The disk fills while the run's record is written (simulated: every fsync fails with ENOSPC)."""
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "run"
+    rc = main(_train_argv(tiny_model_dir, out))
+    line = _one_error_line(capsys)
+    assert rc == 2
+    assert f"output_dir {out}: cannot write the run's files (No space left on device)" in line
+    assert not out.exists()  # no truncated run_config.yaml, no temporary file, no empty folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_eval_command_refuses_a_split_without_items(tiny_model_dir, tmp_path, capsys):
+    d = tmp_path / "data"
+    _jsonl(d / "train.jsonl", [_row(0)])
+    _jsonl(d / "test_id.jsonl", [])
+    rc = main(["eval", "--model.path", tiny_model_dir, "--data.tasks", f"jsonl:{d}", "--eval.splits", "test_id"])
+    assert rc == 2
+    assert "test_id.jsonl has no rows, so evaluation would measure nothing" in _one_error_line(capsys)
 
 
 def _cfg(model_dir: str, out: Path, **over) -> TrainConfig:
@@ -201,7 +405,8 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
     (out / "run_config.yaml").write_text("method: sft\n")
     rc = main(["train", "--model.path", tiny_model_dir, "--output_dir", str(out), "--data.train_size", "6"])
     assert rc == 2
-    assert "already holds a run; pass --resume true" in capsys.readouterr().err
+    assert "already holds a run; pass --resume true to continue it, --overwrite true to replace it" in (
+        capsys.readouterr().err)
     assert sorted(p.name for p in out.iterdir()) == ["run_config.yaml"]
 
 

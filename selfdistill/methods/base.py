@@ -91,6 +91,9 @@ class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: TrainConfig sections the method reads beyond the common ones (``selfdistill train --method NAME --help``
+    #: shows these); a literal tuple, read from the source by :mod:`selfdistill.catalog`.
+    sections: ClassVar[tuple[str, ...]] = ()
     #: The method reads every train item's reference solution (checked before a run writes anything).
     requires_solution: ClassVar[bool] = False
 
@@ -100,6 +103,10 @@ class Method:
     @classmethod
     def check(cls, cfg: TrainConfig, tasks: list[Task]) -> None:
         """Validate the method's own settings and data before a run writes anything (raise ConfigError)."""
+
+    def precheck(self) -> None:
+        """Checks that need the loaded model, before the run's folder exists and before the first evaluation
+        (not on resume); raise ConfigError. Write no files here (``ctx.out_dir`` is not created yet)."""
 
     def setup(self) -> None:
         """Once, before the first step (after a resume too)."""

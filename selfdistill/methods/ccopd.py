@@ -31,6 +31,7 @@ from selfdistill.tasks.base import Item
 @register
 class CCOPD(OnPolicyMethod):
     name = "ccopd"
+    sections = ("onpolicy", "distill", "teacher", "ccopd")
     paper = "arXiv 2605.30251"
     summary = ("canonical-context OPD: student sees the evidence shard by shard over turns, frozen base teacher "
                "sees the clean full prompt")

@@ -32,6 +32,7 @@ def _fill(template: str, what: str, **kw: str) -> str:
 @register
 class Critique(OnPolicyMethod):
     name = "critique"
+    sections = ("onpolicy", "distill", "teacher", "critique")
     paper = "arXiv 2606.11173"
     summary = "step-aligned critique: teacher = same model + a frozen critic's feedback (reward|reference|step)"
     needs_rewards = True

@@ -29,6 +29,7 @@ from selfdistill.teachers import Teacher, TeacherConfig
 @register
 class GRPO(OnPolicyMethod):
     name = "grpo"
+    sections = ("onpolicy", "grpo")
     paper = "arXiv 2402.03300"
     summary = "GRPO: verifier rewards, group-normalised advantages, clipped-ratio policy gradient"
     needs_rewards = True

@@ -45,6 +45,7 @@ class OnPolicyMethod(Method):
     """Student rollouts scored by a teacher view; loss from the objective library."""
 
     needs_rewards: bool = False
+    sections = ("onpolicy", "distill", "teacher")
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -54,6 +55,22 @@ class OnPolicyMethod(Method):
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         """Per group, per rollout: the teacher's user message, or None for no signal."""
         raise NotImplementedError
+
+    @classmethod
+    def teacher_users_before_training(cls, cfg, items: list[Item]) -> tuple[list[str], str] | None:
+        """Each train item's teacher message as far as it can be written before any rollout, and what it
+        leaves out (``""``: nothing); None when it depends on the rollouts (then checked as they come)."""
+        return None
+
+    @classmethod
+    def check(cls, cfg, tasks) -> None:
+        """The longest teacher prompt that can be written up front fits ``onpolicy.max_teacher_prompt_tokens``."""
+        items = [it for t in tasks for it in t.items("train")]
+        users = cls.teacher_users_before_training(cfg, items)
+        if users is not None:
+            from selfdistill.validation import check_teacher_prompts
+
+            check_teacher_prompts(cfg, items, *users)
 
     # -- the shared recipe
     def rollout(self, items: list[Item]) -> tuple[Rollouts, list[Group]]:

@@ -89,6 +89,7 @@ class _Student(OnPolicyMethod):
 @register
 class OPCoD(_Student):
     name = "opcod"
+    sections = ("onpolicy", "distill", "teacher", "opcod")
     paper = "arXiv 2606.14368"
     summary = ("on-policy co-distillation: two models tutor each other; teacher = same model + own correct rollout "
                "+ gated, anchored peer feedback")

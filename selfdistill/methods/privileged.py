@@ -25,9 +25,18 @@ def _need_solution(item) -> str:
     return item.solution
 
 
+def _demonstration(cfg, item, pool) -> str:
+    """SDFT's demonstration for ``item``: its own solution, or another train item's (fixed per item id)."""
+    if cfg.demonstration == "own":
+        return _need_solution(item)
+    other = pool[random.Random(item.id).randrange(len(pool))]
+    return f"Problem: {other.prompt}\nAnswer: {_need_solution(other)}"
+
+
 @register
 class OPSD(OnPolicyMethod):
     name = "opsd"
+    sections = ("onpolicy", "distill", "teacher", "opsd")
     paper = "arXiv 2601.18734"
     summary = "on-policy self-distillation: teacher = same model + reference solution"
     requires_solution = True
@@ -37,31 +46,35 @@ class OPSD(OnPolicyMethod):
         return [[_fill(t, problem=g.item.prompt, solution=_need_solution(g.item)) for _ in g.texts]
                 for g in groups]
 
+    @classmethod
+    def teacher_users_before_training(cls, cfg, items):
+        return [_fill(cfg.opsd.template, problem=it.prompt, solution=it.solution or "") for it in items], ""
+
 
 @register
 class SDFT(OnPolicyMethod):
     name = "sdft"
+    sections = ("onpolicy", "distill", "teacher", "sdft")
     paper = "arXiv 2601.19897"
     summary = "self-distillation fine-tuning: teacher = same model + a demonstration in context"
     requires_solution = True
 
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         cfg = self.ctx.cfg.sdft
-        out = []
         pool = self.ctx.stream.items
-        for g in groups:
-            if cfg.demonstration == "own":
-                demo = _need_solution(g.item)
-            else:
-                other = pool[random.Random(g.item.id).randrange(len(pool))]
-                demo = f"Problem: {other.prompt}\nAnswer: {_need_solution(other)}"
-            out.append([_fill(cfg.template, problem=g.item.prompt, demonstration=demo) for _ in g.texts])
-        return out
+        return [[_fill(cfg.template, problem=g.item.prompt, demonstration=_demonstration(cfg, g.item, pool))
+                 for _ in g.texts] for g in groups]
+
+    @classmethod
+    def teacher_users_before_training(cls, cfg, items):
+        return [_fill(cfg.sdft.template, problem=it.prompt, demonstration=_demonstration(cfg.sdft, it, items))
+                for it in items], ""
 
 
 @register
 class SDPO(OnPolicyMethod):
     name = "sdpo"
+    sections = ("onpolicy", "distill", "teacher", "sdpo")
     paper = "arXiv 2601.20802"
     summary = "self-distilled policy optimisation: teacher = same model + a successful rollout of the group"
     needs_rewards = True
@@ -84,3 +97,8 @@ class SDPO(OnPolicyMethod):
                 row.append(_fill(cfg.template, problem=g.item.prompt, attempt=g.texts[j]))
             out.append(row)
         return out
+
+    @classmethod
+    def teacher_users_before_training(cls, cfg, items):
+        return ([_fill(cfg.sdpo.template, problem=it.prompt, attempt="") for it in items],
+                f", without the attempt it quotes: up to rollout.max_new_tokens={cfg.rollout.max_new_tokens} more")

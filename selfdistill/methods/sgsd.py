@@ -80,9 +80,19 @@ def make_extractor(cfg, model, tokenizer, system: str | None = None, batch_size:
 @register
 class SGSD(OnPolicyMethod):
     name = "sgsd"
+    sections = ("onpolicy", "teacher", "sgsd")
     paper = "arXiv 2605.28791"
     summary = "skill-conditioned gated self-distillation: a pool of skill+mistake teachers, gated bounded loss"
     needs_rewards = True
+
+    @classmethod
+    def check(cls, cfg, tasks) -> None:
+        """A ``sgsd.bank_path`` is a skill bank (found before the run, not at its setup)."""
+        super().check(cfg, tasks)
+        if cfg.sgsd.bank_path:
+            from selfdistill.validation import check_skill_bank
+
+            check_skill_bank(cfg.sgsd.bank_path)
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
+from safetensors import SafetensorError
 
+from selfdistill.arch import kv_sites
+from selfdistill.config_io import ConfigError
 from selfdistill.methods.base import register
 from selfdistill.methods.selfgen import SelfGenMethod
 from selfdistill.models import unwrap
@@ -33,16 +36,50 @@ from selfdistill.spd.subspace import (SubspaceAccumulator, SubspaceSet, kv_gradi
                                       save_subspaces, top_layers)
 
 
-def _layer_spec(spec: str, sset: SubspaceSet) -> Any:
+def _parse_layers(spec: str) -> str | int | list[int]:
+    """``spd.layers``: ``"all"``, ``top:N`` (returned as N) or a comma list of layer indices."""
     spec = spec.strip()
     if spec == "all":
         return "all"
-    if spec.startswith("top:"):
-        return sorted(top_layers(layer_energy(sset), int(spec[4:])))
     try:
-        return [int(x) for x in spec.split(",") if x.strip()]
+        if spec.startswith("top:"):
+            n = int(spec[4:])
+            if n >= 1:
+                return n
+        else:
+            layers = [int(x) for x in spec.split(",") if x.strip()]
+            if layers and min(layers) >= 0:
+                return layers
     except ValueError:
-        raise ValueError(f"spd.layers: cannot read {spec!r}; use all, top:N or a comma list of layers") from None
+        pass
+    raise ConfigError(f"spd.layers: cannot read {spec!r}; use all, top:N (N >= 1) or a comma list of layer "
+                      "indices (0, 1, ...)")
+
+
+def _layer_spec(spec: str, sset: SubspaceSet) -> Any:
+    layers = _parse_layers(spec)
+    return sorted(top_layers(layer_energy(sset), layers)) if isinstance(layers, int) else layers
+
+
+def _torch_rng() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_torch_rng(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _load_subspace_file(path: str) -> SubspaceSet:
+    """A saved subspace, or one line naming ``spd.subspace_path``."""
+    if not Path(path).is_file():
+        raise ConfigError(f"spd.subspace_path {path}: no such file (save one with `selfdistill spd subspace "
+                          "--out DIR`)")
+    try:
+        return load_subspaces(path)
+    except (ValueError, KeyError, OSError, SafetensorError) as e:
+        raise ConfigError(f"spd.subspace_path {path}: not a readable subspace file ({e})") from None
 
 
 def randomize(sset: SubspaceSet, seed: int) -> SubspaceSet:
@@ -75,9 +112,9 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
         if sum(sel):
             rows.append((p_ids, c_ids, sel))
     if not rows:
-        raise RuntimeError("spd: no probe completion had correctness-defining tokens "
-                           f"(selector={s.selector!r}); the model never wrote the answer marker. "
-                           "Try spd.selector=all or more spd.probe_size")
+        raise ConfigError(f"spd.selector={s.selector}: none of the {len(prompts)} probe completions had "
+                          "correctness-defining tokens (the model never wrote an answer span the selector "
+                          "knows); try --spd.selector all or a larger --spd.probe_size")
     for start in range(0, len(rows), micro_batch):
         chunk = rows[start:start + micro_batch]
         batch = make_batch([r[0] for r in chunk], [r[1] for r in chunk], tokenizer.pad_token_id).to(device)
@@ -86,7 +123,7 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
             loss_mask[b, len(p_ids):len(p_ids) + len(c_ids)] = torch.tensor(sel, device=device)
         kv = kv_gradients(model, batch.input_ids_BT, batch.attention_mask_BT, loss_mask,
                           position_ids_BT=batch.position_ids_BT,
-                          positions="all" if s.grad_positions == "all" else "completion")
+                          positions="all" if s.grad_positions == "all" else "completion", key_site=s.key_site)
         acc.add(kv)
         used += len(chunk)
         selected += int(loss_mask.sum())
@@ -103,6 +140,7 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
 @register
 class SPD(SelfGenMethod):
     name = "spd"
+    sections = ("spd",)
     paper = "arXiv 2605.22675"
     summary = ("self-policy distillation: SFT on samples generated with K/V projected onto the model's "
                "own capability subspace")
@@ -112,16 +150,58 @@ class SPD(SelfGenMethod):
         self.rounds = ctx.cfg.spd.rounds
         self.samples_per_prompt = ctx.cfg.spd.samples_per_prompt
         self.subspaces: SubspaceSet | None = None
+        self._early: tuple[SubspaceSet, Any] | None = None  # round 0's subspace from precheck, and the RNG after it
+
+    @classmethod
+    def check(cls, cfg, tasks) -> None:
+        """``spd.layers`` reads; ``spd.subspace_path`` is a subspace file."""
+        _parse_layers(cfg.spd.layers)
+        if cfg.spd.subspace_path:
+            _load_subspace_file(cfg.spd.subspace_path)
+
+    def precheck(self) -> None:
+        """SPD can edit this model's K/V, ``spd.layers`` names its layers, and round 0's subspace is
+        extracted now, before the first evaluation: a model whose probe completions hold no answer span
+        stops the run before anything is written (step 0 then uses this subspace, with the RNG state the
+        extraction left, so the run draws exactly what extracting at step 0 would)."""
+        ctx, s = self.ctx, self.ctx.cfg.spd
+        model = unwrap(ctx.model)
+        try:
+            sites = {site.key: site for site in kv_sites(model)}
+        except ValueError as e:
+            raise ConfigError(f"method spd: model.path {ctx.cfg.model.path}: {e}") from None
+        layers = sorted({layer for layer, _ in sites})
+        spec = _parse_layers(s.layers)
+        missing = [l for l in spec if l not in layers] if isinstance(spec, list) else []
+        if missing or (isinstance(spec, int) and spec > len(layers)):
+            raise ConfigError(f"spd.layers {s.layers}: model.path {ctx.cfg.model.path} has layers "
+                              f"{layers[0]}..{layers[-1]}")
+        if s.subspace_path:
+            sset = _load_subspace_file(s.subspace_path)
+            sites = {site.key: site for site in kv_sites(model, sset.key_site)}  # where that file's K sites were
+            bad = next((k for k, sub in sset.subspaces.items() if k not in sites or sites[k].width != sub.dim), None)
+            if bad is not None:
+                raise ConfigError(f"spd.subspace_path {s.subspace_path}: its site {bad} does not match model.path "
+                                  f"{ctx.cfg.model.path} (extracted from another model?)")
+            return
+        self._early = (self._extract(0), _torch_rng())
+
+    def _extract(self, round_idx: int) -> SubspaceSet:
+        ctx = self.ctx
+        return extract_subspace(unwrap(ctx.model), ctx.tokenizer, ctx.stream.items, ctx.cfg,
+                                seed=ctx.cfg.seed * 1000 + round_idx, system=ctx.system, log=ctx.log)
 
     def on_round_start(self, round_idx: int) -> None:
         ctx, s = self.ctx, self.ctx.cfg.spd
         if s.subspace_path:
             self.subspaces = load_subspaces(s.subspace_path)
             return
-        items = ctx.stream.items
-        self.subspaces = extract_subspace(unwrap(ctx.model), ctx.tokenizer, items, ctx.cfg,
-                                          seed=ctx.cfg.seed * 1000 + round_idx, system=ctx.system,
-                                          log=ctx.log)
+        if round_idx == 0 and self._early is not None:
+            self.subspaces, rng = self._early
+            self._early = None
+            _set_torch_rng(rng)
+        else:
+            self.subspaces = self._extract(round_idx)
         if ctx.accelerator.is_main_process:
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             save_subspaces(ctx.out_dir / f"subspace-round{round_idx}.safetensors", self.subspaces)

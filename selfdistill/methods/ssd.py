@@ -15,6 +15,7 @@ from selfdistill.methods.selfgen import SelfGenMethod
 @register
 class SSD(SelfGenMethod):
     name = "ssd"
+    sections = ("ssd",)
     paper = "arXiv 2604.01193"
     summary = "simple self-distillation: SFT on the model's own raw (truncated-temperature) samples"
 

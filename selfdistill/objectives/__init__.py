@@ -17,36 +17,32 @@ normalisation; computed in fp32, in chunks of tokens.
 - :func:`gated_token_loss`: SGSD's bounded loss signed by outcome x teacher support.
 """
 
-from selfdistill.objectives.config import DivergenceConfig
-from selfdistill.objectives.divergence import generalized_jsd, per_row_divergence, token_logprob_rows
-from selfdistill.objectives.gated import bounded_token_loss, gated_token_loss, teacher_support
-from selfdistill.objectives.hidden import divergence_from_hidden, token_logprobs_from_hidden
-from selfdistill.objectives.logits import token_divergence
-from selfdistill.objectives.pg import clip_fraction, group_advantages, kl_k3, policy_gradient_loss
-from selfdistill.objectives.reduce import (
-    global_token_count,
-    importance_weights,
-    reduce_token_losses,
-    sampled_token_loss,
-)
+from __future__ import annotations
 
-__all__ = [
-    "bounded_token_loss",
-    "clip_fraction",
-    "gated_token_loss",
-    "group_advantages",
-    "kl_k3",
-    "policy_gradient_loss",
-    "teacher_support",
-    "DivergenceConfig",
-    "divergence_from_hidden",
-    "generalized_jsd",
-    "global_token_count",
-    "importance_weights",
-    "per_row_divergence",
-    "reduce_token_losses",
-    "sampled_token_loss",
-    "token_divergence",
-    "token_logprob_rows",
-    "token_logprobs_from_hidden",
-]
+import importlib
+from typing import Any
+
+from selfdistill.objectives.config import DivergenceConfig
+
+#: Everything else is imported on first use (PEP 562): the config tree reads ``DivergenceConfig``
+#: without importing torch, so ``selfdistill --help`` stays fast.
+_LAZY = {
+    "generalized_jsd": "divergence", "per_row_divergence": "divergence", "token_logprob_rows": "divergence",
+    "bounded_token_loss": "gated", "gated_token_loss": "gated", "teacher_support": "gated",
+    "divergence_from_hidden": "hidden", "token_logprobs_from_hidden": "hidden",
+    "token_divergence": "logits",
+    "clip_fraction": "pg", "group_advantages": "pg", "kl_k3": "pg", "policy_gradient_loss": "pg",
+    "global_token_count": "reduce", "importance_weights": "reduce", "reduce_token_losses": "reduce",
+    "sampled_token_loss": "reduce",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["DivergenceConfig", *sorted(_LAZY)]
