@@ -318,6 +318,7 @@ class SubspaceAccumulator:
     def __init__(self) -> None:
         self.gram: dict[SiteKey, torch.Tensor] = {}
         self.act_sum: dict[SiteKey, torch.Tensor] = {}
+        self.act_gram: dict[SiteKey, torch.Tensor] = {}  # sum a a^T: activation energy (diagnostics)
         self.count: dict[SiteKey, int] = {}
         self.num_heads: dict[SiteKey, int] = {}
         self.model_class = ""
@@ -331,9 +332,11 @@ class SubspaceAccumulator:
                 d = g_Nd.shape[1]
                 self.gram[key] = torch.zeros(d, d, dtype=torch.float64, device=g_Nd.device)
                 self.act_sum[key] = torch.zeros(d, dtype=torch.float64, device=g_Nd.device)
+                self.act_gram[key] = torch.zeros(d, d, dtype=torch.float64, device=g_Nd.device)
                 self.count[key] = 0
             self.gram[key] += g_Nd.T @ g_Nd
             self.act_sum[key] += a_Nd.sum(0)
+            self.act_gram[key] += a_Nd.T @ a_Nd
             self.count[key] += g_Nd.shape[0]
             self.num_heads[key] = kv.num_heads[key]
         self.model_class = kv.model_class or self.model_class
