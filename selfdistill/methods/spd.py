@@ -90,7 +90,7 @@ def randomize(sset: SubspaceSet, seed: int) -> SubspaceSet:
         q, _ = torch.linalg.qr(torch.randn(s.U_dr.shape[0], max(1, s.rank), generator=gen, dtype=torch.float64))
         subs[key] = type(s)(**{**s.__dict__, "U_dr": q[:, : s.rank].to(s.U_dr.dtype)})
     return SubspaceSet(subs, sset.rank, sset.energy, sset.per_head, sset.center, sset.model_class,
-                       {**sset.extra, "random": True})
+                       {**sset.extra, "random": True}, sset.key_site)
 
 
 def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None = None,
