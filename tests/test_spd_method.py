@@ -63,3 +63,35 @@ def test_cli_subspace_extracts_saves_and_plots(tiny_model_dir, tmp_path):
     sset = load_subspaces(out / "subspace.safetensors")
     assert len(sset.subspaces) == 4 and all(s.rank == 3 for s in sset.subspaces.values())
     assert (out / "spectra.png").stat().st_size > 1000
+
+
+def _opd_args(model_dir: str, out, *extra: str) -> list[str]:
+    return ["train", "--method", "spd-opd", "--model.path", model_dir, "--output_dir", str(out), "--steps", "2",
+            "--batch_size", "2", "--micro_batch_size", "2", "--spd.probe_size", "4", "--spd.probe_samples", "1",
+            "--spd.selector", "all", "--spd.rank", "2", "--rollout.max_new_tokens", "6", "--data.train_size", "8",
+            "--data.test_size", "2", "--eval.max_items", "2", "--eval.max_new_tokens", "4", "--eval_before", "false",
+            "--distill.kind", "reverse_kl", *extra]
+
+
+def test_spd_opd_trains_end_to_end_and_saves_its_subspace(tiny_model_dir, tmp_path):
+    out = tmp_path / "opd"
+    assert main(_opd_args(tiny_model_dir, out, "--spd.beta", "0.0")) == 0
+    assert (out / "subspace-round0.safetensors").exists() and (out / "model" / "config.json").exists()
+    import json
+
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses and losses[0] > 0  # the projected teacher differs from the plain student
+
+
+def test_spd_opd_teacher_is_the_student_when_nothing_is_projected(tiny_model_dir, tmp_path):
+    """beta = 1 keeps every direction: the initial-weights teacher equals the student at step 1 (loss 0);
+    beta = 0 (hard projection) makes it differ."""
+    import json
+
+    def first_loss(beta: str, name: str) -> float:
+        out = tmp_path / name
+        assert main(_opd_args(tiny_model_dir, out, "--spd.beta", beta, "--steps", "1", "--eval_after", "false")) == 0
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert abs(first_loss("1.0", "b1")) < 1e-6
+    assert first_loss("0.0", "b0") > 1e-5

@@ -16,6 +16,7 @@ Subclasses only write :meth:`OnPolicyMethod.teacher_prompts`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -55,6 +56,10 @@ class OnPolicyMethod(Method):
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         """Per group, per rollout: the teacher's user message, or None for no signal."""
         raise NotImplementedError
+
+    def teacher_view(self, module) -> contextlib.AbstractContextManager:
+        """An activation view installed on the teacher module for its forward (default: none)."""
+        return contextlib.nullcontext()
 
     @classmethod
     def teacher_users_before_training(cls, cfg, items: list[Item]) -> tuple[list[str], str] | None:
@@ -133,7 +138,7 @@ class OnPolicyMethod(Method):
         t_mask = t_batch.completion_mask_BT[:, 1:].bool()
         s_rows = forward_hidden(ctx.model, s_batch)[:, :-1][s_mask]
         t0 = time.perf_counter()
-        with self.teacher.scoring() as tm:
+        with self.teacher.scoring() as tm, self.teacher_view(tm):
             t_rows = forward_hidden(tm, t_batch)[:, :-1][t_mask]
             t_head = lm_head_weight(tm).detach()
         t_teacher = time.perf_counter() - t0

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from selfdistill.arch import kv_sites
 from selfdistill.config_io import ConfigError
 from selfdistill.methods.base import register
+from selfdistill.methods.onpolicy import OnPolicyMethod
 from selfdistill.methods.selfgen import SelfGenMethod
 from selfdistill.models import unwrap
 from selfdistill.rollout import generate
@@ -137,20 +138,12 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
     return sset
 
 
-@register
-class SPD(SelfGenMethod):
-    name = "spd"
-    sections = ("spd",)
-    paper = "arXiv 2605.22675"
-    summary = ("self-policy distillation: SFT on samples generated with K/V projected onto the model's "
-               "own capability subspace")
+class _SubspaceOwner:
+    """What SPD and its on-policy variant share: the round's capability subspace, checked, extracted and saved."""
 
-    def __init__(self, ctx) -> None:
-        super().__init__(ctx)
-        self.rounds = ctx.cfg.spd.rounds
-        self.samples_per_prompt = ctx.cfg.spd.samples_per_prompt
-        self.subspaces: SubspaceSet | None = None
-        self._early: tuple[SubspaceSet, Any] | None = None  # round 0's subspace from precheck, and the RNG after it
+    ctx: Any
+    subspaces: SubspaceSet | None
+    _early: tuple[SubspaceSet, Any] | None
 
     @classmethod
     def check(cls, cfg, tasks) -> None:
@@ -169,7 +162,7 @@ class SPD(SelfGenMethod):
         try:
             sites = {site.key: site for site in kv_sites(model)}
         except ValueError as e:
-            raise ConfigError(f"method spd: model.path {ctx.cfg.model.path}: {e}") from None
+            raise ConfigError(f"method {ctx.cfg.method}: model.path {ctx.cfg.model.path}: {e}") from None
         layers = sorted({layer for layer, _ in sites})
         spec = _parse_layers(s.layers)
         missing = [l for l in spec if l not in layers] if isinstance(spec, list) else []
@@ -191,7 +184,8 @@ class SPD(SelfGenMethod):
         return extract_subspace(unwrap(ctx.model), ctx.tokenizer, ctx.stream.items, ctx.cfg,
                                 seed=ctx.cfg.seed * 1000 + round_idx, system=ctx.system, log=ctx.log)
 
-    def on_round_start(self, round_idx: int) -> None:
+    def load_round_subspace(self, round_idx: int) -> None:
+        """``self.subspaces`` for round ``round_idx``: loaded, or round 0's from precheck, or extracted; saved."""
         ctx, s = self.ctx, self.ctx.cfg.spd
         if s.subspace_path:
             self.subspaces = load_subspaces(s.subspace_path)
@@ -206,16 +200,80 @@ class SPD(SelfGenMethod):
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             save_subspaces(ctx.out_dir / f"subspace-round{round_idx}.safetensors", self.subspaces)
 
-    def view(self) -> ContextManager[Any]:
+    def projection(self, model, fold: bool) -> ContextManager[Any]:
+        """The SPD view on ``model``: its K/V projected onto the subspace (``spd.beta``, layers, kinds)."""
         s = self.ctx.cfg.spd
         kinds = ("k", "v") if s.kinds == "kv" else (s.kinds,)
-        return project_kv(unwrap(self.ctx.model), self.subspaces, beta=s.beta,
-                          layers=_layer_spec(s.layers, self.subspaces), kinds=kinds, fold=s.fold)
+        return project_kv(model, self.subspaces, beta=s.beta, layers=_layer_spec(s.layers, self.subspaces),
+                          kinds=kinds, fold=fold)
+
+
+@register
+class SPD(_SubspaceOwner, SelfGenMethod):
+    name = "spd"
+    sections = ("spd",)
+    paper = "arXiv 2605.22675"
+    summary = ("self-policy distillation: SFT on samples generated with K/V projected onto the model's "
+               "own capability subspace")
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.rounds = ctx.cfg.spd.rounds
+        self.samples_per_prompt = ctx.cfg.spd.samples_per_prompt
+        self.subspaces: SubspaceSet | None = None
+        self._early: tuple[SubspaceSet, Any] | None = None  # round 0's subspace from precheck, and the RNG after it
+
+    def on_round_start(self, round_idx: int) -> None:
+        self.load_round_subspace(round_idx)
+
+    def view(self) -> ContextManager[Any]:
+        return self.projection(unwrap(self.ctx.model), fold=self.ctx.cfg.spd.fold)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["subspaces"] = self.subspaces
         return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.subspaces = state.get("subspaces")
+
+
+@register
+class SPDOnPolicy(_SubspaceOwner, OnPolicyMethod):
+    """SPD's view as an on-policy teacher (ours; the paper distils by SFT only).
+
+    The student samples with plain weights; the teacher is the same model (``teacher.kind``: initial by
+    default) with its K/V projected onto the capability subspace, scoring the student's own tokens behind
+    the same prompt; the loss is the objective library's divergence (``distill.*``). The subspace is
+    extracted once, from the initial model, before the first step (``spd.rounds`` does not apply). The
+    projection is applied by hooks, never folded: with a LoRA student the teacher module is the student's
+    own base, whose weights a backward pass still needs unchanged.
+    """
+
+    name = "spd-opd"
+    sections = ("spd", "onpolicy", "distill", "teacher")
+    paper = "arXiv 2605.22675 (on-policy variant)"
+    summary = ("on-policy SPD: the model with K/V projected onto its own capability subspace is the "
+               "teacher of the plain model's rollouts")
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.subspaces: SubspaceSet | None = None
+        self._early: tuple[SubspaceSet, Any] | None = None
+
+    def setup(self) -> None:
+        if self.subspaces is None:  # a resumed run restored it
+            self.load_round_subspace(0)
+
+    def teacher_prompts(self, groups) -> list[list[str | None]]:
+        return [[g.item.prompt] * len(g.texts) for g in groups]
+
+    def teacher_view(self, module) -> ContextManager[Any]:
+        return self.projection(unwrap(module), fold=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "subspaces": self.subspaces}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
