@@ -9,7 +9,23 @@ from types import SimpleNamespace
 import torch
 
 from selfdistill.critique import exact_critique
-from selfdistill.toy.tasks import make_item
+from selfdistill.tasks.base import Item
+
+# v1-format toy items written out (the critic reads any toy trace; these pin its line-by-line behaviour).
+V1 = {
+    "math": Item("toy-math-train-0-0", "Compute 51+2-13", "51+2=53\n53-13=40\n#### 40", "40", "math", {"kind": "math"}),
+    "code": Item("toy-code-test_ood-0-1", "What does this print?\nd = 2\nz = d + 7\nb = d - 7\nx = b - 5\nc = x * 3\n"
+                 "if z > 1:\n    z = z - 7\nprint(c)",
+                 "d = 2\nz = 2 + 7 = 9\nb = 2 - 7 = -5\nx = -5 - 5 = -10\nc = -10 * 3 = -30\n9 > 1: z = 9 - 7 = 2\n#### -30",
+                 "-30", "code", {"kind": "code_output", "program": "d = 2\nz = d + 7\nb = d - 7\nx = b - 5\nc = x * 3\n"
+                                                                    "if z > 1:\n    z = z - 7\nprint(c)"}),
+    "mcqa": Item("toy-mcqa-train-0-1", "Which option equals 8+10?\nA) 24\nB) 12\nC) 16\nD) 18", "8+10=18\n#### D", "D",
+                 "mcqa", {"kind": "mcqa", "letters": "ABCD"}),
+}
+
+
+def make_item(domain: str, split: str, index: int) -> Item:  # noqa: ARG001 - the pinned v1 items above
+    return V1[domain]
 from test_grpo import tiny
 
 
