@@ -7,8 +7,12 @@
 #   bash scripts/make_tables.sh                 # everything (several hours on 2 cores)
 #   bash scripts/make_tables.sh feedback ccopd  # some of: spd privileged feedback ccopd opcod
 set -euo pipefail
-OUT=${OUT:-runs/tables}
+# Run folders go under results/tables (tracked: results.json, settings and logs; weights are git-ignored),
+# so a later session reuses every finished run.
+OUT=${OUT:-results/tables}
 export OMP_NUM_THREADS=1
+# The toy world's preconditions, once, printed above every table.
+[ -f "$OUT/check.md" ] || selfdistill toy check --out "$OUT" || true
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(spd privileged feedback ccopd opcod)
 

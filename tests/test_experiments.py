@@ -56,6 +56,7 @@ def test_preconditions_run_once_per_folder_and_lead_the_table(tmp_path, monkeypa
     def fake(cfg, log=print):
         calls.append(cfg.model)
         (tmp_path / "check.md").write_text("| precondition | value |\n|---|---|\n| x | 1 |\n")
+        (tmp_path / "check_model.txt").write_text(cfg.model)
         return [chk.Row("x", 1.0, ">= 0", True)]
 
     monkeypatch.setattr(chk, "check", fake)

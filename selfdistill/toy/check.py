@@ -234,6 +234,7 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "check.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
         (out / "check.md").write_text(table + "\n")
+        (out / "check_model.txt").write_text(cfg.model)
     return rows
 
 
