@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
                 "table": cmd_table, "models": cmd_models}
-    from selfdistill.errors import TrainingStopped
+    from selfdistill.errors import RunInterrupted, TrainingStopped
 
     try:
         if extra:
@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:  # the run stopped itself on purpose (e.g. max_bad_steps)
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:  # a signal before the run's folder existed (after, train returns a result)
+        print(f"selfdistill: {e}; nothing was written", file=sys.stderr)
+        return 128 + e.signum
     except OSError as e:
         if e.errno not in _DISK_ERRNOS:
             raise

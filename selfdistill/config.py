@@ -130,7 +130,13 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "accelerate mixed precision."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Most recent checkpoints kept."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue the run in output_dir from its latest checkpoint (from step 0 if it has none yet); its "
+                "settings must match the saved run_config.yaml except steps, save_every, keep_checkpoints, "
+                "eval.every and report_to."})
+    resume_force: bool = field(default=False, metadata={
+        "help": "With --resume true: continue even where the settings differ from the saved run's (the "
+                "differences are logged as a warning)."})
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list, metadata={
         "help": "Also log to: tensorboard, wandb (comma list; each must be installed)."})
     max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite steps in a row."})

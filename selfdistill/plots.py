@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfdistill.atomic import atomic_file
+
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -44,6 +46,7 @@ def plot_training(run_dir: str | Path, out_name: str = "training_curves.png") ->
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     out = run / out_name
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:  # a kill mid-write never leaves half an image
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out

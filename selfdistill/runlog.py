@@ -5,36 +5,24 @@ the flags), ``run.log``, ``metrics.jsonl`` (one line per step),
 ``evals.jsonl`` (before / periodic / after), ``results.json`` and
 ``results.md`` (the before/after table), ``training_curves.png``.
 TensorBoard and wandb receive the same metrics when listed in ``report_to``
-and installed.
+and installed. Published files (``run_config.yaml``, ``results.*``, the plot)
+appear atomically (:mod:`selfdistill.atomic`); the ``.jsonl`` logs and
+``run.log`` are appended to, and cut back on resume.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
 
+from selfdistill.atomic import write_atomic
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import to_dict
 from selfdistill.evaluate import SplitResult, format_table, results_to_json
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and one rename: a crash or a full disk never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class HeldLog:
@@ -130,7 +118,7 @@ class RunLog:
                     continue
                 if row["step"] <= step and row.get("kind") != "after":
                     keep.append(line)
-            p.write_text("".join(l + "\n" for l in keep))
+            write_atomic(p, "".join(l + "\n" for l in keep))  # a kill here never loses the log
 
     def eval_event(self, step: int, kind: str, results: Sequence[SplitResult]) -> None:
         if not self.is_main:
@@ -149,10 +137,10 @@ class RunLog:
         summary = {"method": self.cfg.method, "wall_s": wall_s,
                    "before": results_to_json(before) if before else None,
                    "after": results_to_json(after) if after else None}
-        (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.out / "results.json", json.dumps(summary, indent=2) + "\n")
         if before and after:
             table = format_table(before, after)
-            (self.out / "results.md").write_text(format_table(before, after, markdown=True) + "\n")
+            write_atomic(self.out / "results.md", format_table(before, after, markdown=True) + "\n")
             self.say("\nbefore / after (accuracy %):\n" + table)
         elif after:
             self.say("\n" + format_table(after))

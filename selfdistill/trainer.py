@@ -10,8 +10,17 @@ Read top to bottom, :func:`train` is the whole run:
    is accumulated over micro-batches normalised by the global token count,
    gradients are averaged over processes, clipped, stepped;
 4. log, evaluate, checkpoint (atomically) as configured;
-5. save the final model in Hugging Face format, evaluate after, write the
-   before/after table, the metrics log and the training-curve plot.
+5. write the final checkpoint, then publish the final model in Hugging Face
+   format (built in a temporary folder, renamed to ``model/``), evaluate
+   after, write the before/after table and the training-curve plot.
+
+Crash safety: from the moment the folder holds ``run_config.yaml`` it is a
+resumable run (``--resume true`` continues from the latest checkpoint, or from
+step 0 if there is none yet) until ``model/`` and ``results.json`` make it a
+finished one; every published file appears whole. SIGTERM/SIGINT in the step
+loop stop at the step's end with a checkpoint; anywhere else they stop at
+once, leaving that resumable state (or, before the folder exists, nothing).
+Either way the process exits with 128 + signal.
 
 Multi-process runs (``accelerate launch`` / ``torchrun``) split each global
 batch across processes and all-reduce gradients explicitly (one flat
@@ -24,7 +33,6 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -34,15 +42,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from selfdistill.atomic import publish_dir
 from selfdistill.checkpoint import (latest_checkpoint, load_state, load_weights_into, rng_state,
                                     save_checkpoint, set_rng_state)
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, to_dict
-from selfdistill.errors import TrainingStopped  # noqa: F401  (raised below; importable from here as before)
+from selfdistill.errors import RunInterrupted, TrainingStopped
 from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to_json
 from selfdistill.methods.base import Context, get_method
 from selfdistill.models import load_model, unwrap
 from selfdistill.objectives import global_token_count
+from selfdistill.rundir import FolderLock
 from selfdistill.runlog import HeldLog, RunLog
 from selfdistill.tasks.registry import ItemStream, build_tasks
 
@@ -78,32 +88,35 @@ def _step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
 
 
-@contextmanager
-def _graceful_stop(flag: dict[str, bool]):
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and stops at the step boundary.
+class _Signals:
+    """SIGTERM/SIGINT for a whole run (installed from the main thread; elsewhere signals are left alone).
 
-    A second signal stops at once (KeyboardInterrupt); checkpoints stay safe (see checkpoint.py).
+    In the step loop (``defer``) the first signal only sets ``pending``: the loop checkpoints at the step's
+    end and stops. Anywhere else (loading, the first evaluation, method setup, the final save, the last
+    evaluation), and on a second signal, :class:`RunInterrupted` is raised at once, naming ``phase``.
     """
-    def handler(signum, _frame):
-        if flag.get("stop"):
-            raise KeyboardInterrupt(f"second signal {signum}: stopping without a checkpoint")
-        flag["stop"] = True
-        flag["signal"] = signum
 
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for s in old:
+    def __init__(self) -> None:
+        self.defer, self.pending, self.phase = False, None, "loading"
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame) -> None:
+        if self.defer and self.pending is None:
+            self.pending = signum
+            return
+        raise RunInterrupted(signum, self.phase)
+
+    def __enter__(self) -> "_Signals":
+        for s in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(s, handler)
+                self._old[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread
                 pass
-        yield
-    finally:
-        for s, h in old.items():
-            try:
-                signal.signal(s, h)
-            except ValueError:
-                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -160,12 +173,10 @@ def prepare_run(cfg: TrainConfig):
 
 def _prepare_run(cfg: TrainConfig):
     from selfdistill import validation
-    from selfdistill.rundir import check_output_dir, resume_dir
+    from selfdistill.rundir import check_output_dir
 
     method_cls = get_method(cfg.method)  # unknown method -> clear error
-    check_output_dir(cfg)
-    if cfg.resume and latest_checkpoint(resume_dir(cfg) / "checkpoints") is None:
-        raise ConfigError(f"--resume: no checkpoint in {resume_dir(cfg) / 'checkpoints'}")
+    check_output_dir(cfg)  # in use, not a run, nothing to resume, resumed with other settings...
     world = int(os.environ.get("WORLD_SIZE") or 1)  # set by torchrun / accelerate launch
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
@@ -194,40 +205,69 @@ def _prepare_run(cfg: TrainConfig):
     return method_cls, tasks
 
 
-def _open_run_folder(cfg: TrainConfig, accelerator: Accelerator, say: HeldLog) -> tuple[TrainConfig, RunLog]:
-    """Create (or empty, or reopen) the run's folder and write its record; every check has passed by now.
+def _open_run_folder(cfg: TrainConfig, accelerator: Accelerator,
+                     say: HeldLog) -> tuple[TrainConfig, RunLog, FolderLock | None]:
+    """Create (or empty, or reopen) and lock the run's folder and write its record; every check has passed.
 
-    The main process picks the folder (a fresh default name is unique) and tells the others. If even the
-    run's record cannot be written (full disk, read-only folder), the folder this run made is removed.
+    The main process picks the folder (a fresh default name is unique), holds its lock, and tells the others.
+    If even the run's record cannot be written (full disk, read-only folder, a signal), the lock is dropped
+    and the folder this run made is removed. Returns the config with the real folder, the run log, the lock
+    (None on other processes).
     """
     from selfdistill.rundir import RUNS, claim_output_dir, point_latest, release_output_dir
 
+    lock = None
     try:
-        chosen = [claim_output_dir(cfg) if accelerator.is_main_process else None]
+        if accelerator.is_main_process:
+            out, made, lock = claim_output_dir(cfg)
+        chosen = [(out, made) if accelerator.is_main_process else None]
     except OSError as e:
         raise ConfigError(f"output_dir {cfg.output_dir or RUNS}: cannot create it ({e.strerror or e})") from None
-    if accelerator.num_processes > 1:
-        torch.distributed.broadcast_object_list(chosen, src=0)
-    out, made = chosen[0]
-    fresh_default = not cfg.output_dir and not cfg.resume
-    cfg = replace(cfg, output_dir=str(out))
+    runlog = None
     try:
-        runlog = RunLog(out, cfg, is_main=accelerator.is_main_process, echo=say.echo)
-    except OSError as e:
-        if accelerator.is_main_process:
-            release_output_dir(out, made)
-        raise ConfigError(f"output_dir {out}: cannot write the run's files ({e.strerror or e}); nothing was "
-                          "written") from None
-    say.attach(runlog)
-    if fresh_default and accelerator.is_main_process:
-        note = point_latest(out)
-        if note:
-            say(note)
-    return cfg, runlog
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(chosen, src=0)
+        out, made = chosen[0]
+        fresh_default = not cfg.output_dir and not cfg.resume
+        cfg = replace(cfg, output_dir=str(out))
+        try:
+            runlog = RunLog(out, cfg, is_main=accelerator.is_main_process, echo=say.echo)
+        except OSError as e:
+            raise ConfigError(f"output_dir {out}: cannot write the run's files ({e.strerror or e}); nothing was "
+                              "written") from None
+        say.attach(runlog)
+        if lock is not None and lock.stale:
+            say(f"note: took over the lock file {lock.path} left by pid {lock.stale}, which is no longer running")
+        if fresh_default and accelerator.is_main_process:
+            note = point_latest(out)
+            if note:
+                say(note)
+    except BaseException:  # (a signal too): never leave the folder locked, nor an empty folder this run made
+        if lock is not None:
+            lock.release()
+            if runlog is None:
+                release_output_dir(out, made)
+        raise
+    return cfg, runlog, lock
+
+
+def _write_model(folder: Path, model, tok) -> None:
+    """The final model in Hugging Face format (the adapter for a LoRA run) and its tokenizer, in ``folder``."""
+    unwrap_for_save(model).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResult:
-    """Run ``cfg`` end to end; see the module docstring for the order of things."""
+    """Run ``cfg`` end to end; see the module docstring for the order of things.
+
+    A signal before the run's folder exists raises :class:`RunInterrupted` (nothing was written); after, the
+    run stops resumable and the result says which signal (``stopped_by_signal``).
+    """
+    with _Signals() as signals:
+        return _train(cfg, log, signals)
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signals) -> RunResult:
     t_start = time.time()
     method_cls, tasks = prepare_run(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -242,14 +282,44 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
     say(f"model {cfg.model.path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{world} process(es) on {accelerator.device}")
 
+    from selfdistill.rundir import resume_differences, resume_dir
+
+    ckpt = latest_checkpoint(resume_dir(cfg) / "checkpoints") if cfg.resume else None
+    changed = resume_differences(cfg, resume_dir(cfg)) if cfg.resume else []  # refused earlier unless forced
     system = cfg.model.system_prompt or None
     stream = ItemStream(tasks, cfg.batch_size, cfg.seed)
     ctx = Context(cfg=cfg, model=model, tokenizer=tok, tasks=tasks, accelerator=accelerator,
                   out_dir=Path(cfg.output_dir), log=say, system=system, stream=stream)
     method = method_cls(ctx)
-    if not cfg.resume:
+    if ckpt is None:
+        signals.phase = "the method's pre-checks"
         method.precheck()  # e.g. SPD's probe: a model that never writes an answer fails before any file
-    cfg, runlog = _open_run_folder(cfg, accelerator, say)
+    signals.phase = "opening the run's folder"
+    cfg, runlog, lock = _open_run_folder(cfg, accelerator, say)
+    try:
+        if changed:
+            say(f"warning: --resume_force: continuing with settings that differ from the saved run's in "
+                f"{', '.join(changed)}")
+        if cfg.resume and ckpt is None:  # killed before its first checkpoint: the run starts again, here
+            cfg = replace(cfg, resume=False)
+            say(f"no checkpoint in {Path(cfg.output_dir) / 'checkpoints'} yet: starting the run again from step 0")
+        return _run(cfg, ctx, method, runlog, say, signals, ckpt, t_start)
+    except RunInterrupted as e:
+        say(f"stopped by signal {e.signum} during {e.phase}; the run is resumable: continue with --resume true")
+        accelerator.wait_for_everyone()
+        last = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+        return RunResult(Path(cfg.output_dir), None, None, int(last.name.split("-")[-1]) if last else 0,
+                         time.time() - t_start, 0, stopped_by_signal=e.signum)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[str], None], signals: _Signals,
+         ckpt: Path | None, t_start: float) -> RunResult:
+    """Steps 2-5 in the run's (locked) folder: from ``ckpt``, or from step 0 when it is None."""
+    model, tok, tasks, accelerator, system = ctx.model, ctx.tokenizer, ctx.tasks, ctx.accelerator, ctx.system
+    rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     ctx.cfg, ctx.out_dir = cfg, out
     params = [p for p in model.parameters() if p.requires_grad]
@@ -258,8 +328,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
 
     start_step, before, bad_in_row, skipped = 0, None, 0, 0
-    if cfg.resume:
-        ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is not None:
         state = load_state(ckpt)
         load_weights_into(model, ckpt)
         opt.load_state_dict(state["optimizer"])
@@ -270,12 +339,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
         before = [SplitResult(**r) for r in state["before"]] if state.get("before") else None
         runlog.truncate_metrics(start_step)
         say(f"resumed from {ckpt} at step {start_step}")
-    elif cfg.eval_before:
-        say("evaluating before training ...")
-        before = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
-        runlog.eval_event(0, "before", before)
-        say("\n" + format_table(before))
+    else:
+        runlog.truncate_metrics(-1)  # (rows a killed attempt logged before its first checkpoint)
+        if cfg.eval_before:
+            signals.phase = "the first evaluation"
+            say("evaluating before training ...")
+            before = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
+            runlog.eval_event(0, "before", before)
+            say("\n" + format_table(before))
 
+    signals.phase = "method setup"
     method.setup()
 
     def checkpoint(step: int) -> None:
@@ -288,17 +361,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
                                keep=cfg.keep_checkpoints)
         say(f"checkpoint {path}")
 
-    stop: dict[str, Any] = {"stop": False}
-    saved_at = -1
+    saved_at = start_step if ckpt is not None else -1
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method}", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    step = start_step
-    with _graceful_stop(stop), bar:  # closed however the loop ends, so an error prints on its own line
+    signals.phase, signals.defer = "a training step (second signal)", True
+    with bar:  # closed however the loop ends, so an error prints on its own line
         for step in range(start_step, cfg.steps):
             torch.manual_seed(_step_seed(cfg, step, rank))
             # 1. rollout + targets / teacher views (the method decides).
             t0 = time.perf_counter()
-            batch = method.make_batch(step, stream.for_step(step, rank, world))
+            batch = method.make_batch(step, ctx.stream.for_step(step, rank, world))
             t_batch = time.perf_counter() - t0
             # 2. loss over micro-batches, normalised by the global token count.
             model.train()
@@ -352,31 +424,34 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
                                       "lower optim.lr or check the data")
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
                 runlog.eval_event(step + 1, "periodic", evaluate(unwrap(model), tok, tasks, cfg.eval, system))
-            stop["stop"] = _any_process(stop["stop"], accelerator)  # a signal to one process stops all
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or stop["stop"]:
+            stop = _any_process(signals.pending is not None, accelerator)  # a signal to one process stops all
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or stop:
                 checkpoint(step + 1)
                 saved_at = step + 1
-            if stop["stop"]:
+            if stop:
                 bar.close()
                 say(f"stopped by signal after step {step + 1}; continue with --resume true")
                 accelerator.wait_for_everyone()
                 return RunResult(out, before, None, step + 1, time.time() - t_start, skipped,
-                                 stopped_by_signal=int(stop.get("signal", signal.SIGTERM)))
+                                 stopped_by_signal=signals.pending or signal.SIGTERM)
+    signals.defer = False
     bar.close()
 
-    # 5. final model, evaluation after, table, plot.
+    # 5. final checkpoint, then the final model (so a kill never leaves the model as the only copy), evaluation
+    # after, table, plot.
+    signals.phase = "the final save"
     if accelerator.is_main_process:
-        final = out / "model"
-        unwrap_for_save(model).save_pretrained(final, safe_serialization=True)
-        tok.save_pretrained(final)
         if saved_at != cfg.steps:
             checkpoint(cfg.steps)
+        publish_dir(out / "model", lambda tmp: _write_model(tmp, model, tok))
     after = None
     if cfg.eval_after:
+        signals.phase = "the last evaluation"
         say("evaluating after training ...")
         after = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
         runlog.eval_event(cfg.steps, "after", after)
     wall = time.time() - t_start
+    signals.phase = "the run's record"
     runlog.finish(before, after, wall)
     accelerator.wait_for_everyone()
     return RunResult(out, before, after, cfg.steps, wall, skipped)
