@@ -19,6 +19,14 @@ from selfdistill.config_io import ConfigError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_transformers() -> None:
+    """No third-party progress bars ("Loading weights", "Writing model shards") on every load and save:
+    the run log says what happens, and one-line errors stay one line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model_path(path: str) -> str:
     """``toy`` -> the embedded checkpoint; anything else unchanged."""
     if path in ("toy", "", None):
@@ -72,6 +80,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "m
 
 def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
     """(model, tokenizer) for ``cfg``; LoRA-wrapped when ``cfg.lora.enabled``."""
+    quiet_transformers()
     path = resolve_model_path(cfg.path)
     check_causal_lm(path, cfg.trust_remote_code)
     tok = load_tokenizer(path, cfg.trust_remote_code)

@@ -205,6 +205,9 @@ def _save(model, tok, cfg: PretrainConfig, out: Path, step: int) -> Path:
     tmp = out.with_name(out.name + ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    from selfdistill.models import quiet_transformers
+
+    quiet_transformers()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
