@@ -145,8 +145,6 @@ def _run_base(cfg: TrainConfig) -> dict[str, Any]:
 
 def run_table(tc: TableConfig, log=print) -> Path:
     """Run (or reuse) every row x seed, then write the table."""
-    from selfdistill.trainer import train
-
     if tc.preset not in PRESETS:
         raise ConfigError(f"preset: unknown {tc.preset!r}; known: {', '.join(PRESETS)}")
     rows = PRESETS[tc.preset]
@@ -168,7 +166,7 @@ def run_table(tc: TableConfig, log=print) -> Path:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     done.write_text(json.dumps(_run_base(cfg), indent=2))
                 else:
-                    train(cfg, log=lambda s: None)
+                    train_row(cfg)
             results.setdefault(name, []).append(json.loads(done.read_text()))
     table = summarise(results, {n: baseline_of(tc.preset, n) for n in names})
     (out / "results.json").write_text(json.dumps({"preset": tc.preset, "seeds": tc.seeds, "common": common,
@@ -178,6 +176,15 @@ def run_table(tc: TableConfig, log=print) -> Path:
     (out / "results.md").write_text(md)
     log(md)
     return out / "results.md"
+
+
+def train_row(cfg: TrainConfig) -> None:
+    """One table run; a run stopped by a signal stops the table too (exit 128 + signal), resumable by rerunning."""
+    from selfdistill.trainer import train
+
+    res = train(cfg, log=lambda s: None)
+    if res.stopped_by_signal:
+        raise SystemExit(128 + res.stopped_by_signal)
 
 
 def preconditions(model: str, out: Path, log) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
-from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise
+from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise, train_row
 
 #: Rows: name -> dotted overrides on top of ``method=ccopd`` (None = the untrained model).
 CCOPD_ROWS: dict[str, dict[str, Any] | None] = {
@@ -66,8 +66,6 @@ def _evaluate(model_path: str, cfg: TrainConfig, tc: CCOPDTableConfig) -> list[d
 
 def run_ccopd_table(tc: CCOPDTableConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every row x seed, evaluate in every setting, write results.md / results.json."""
-    from selfdistill.trainer import train
-
     names = check_rows(tc.rows, CCOPD_ROWS, "a CCOPD row")
     out = Path(tc.out)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -84,7 +82,7 @@ def run_ccopd_table(tc: CCOPDTableConfig, log: Callable[[str], None] = print) ->
                 model_path = cfg.model.path
                 if CCOPD_ROWS[name] is not None:
                     if not (run_dir / "model" / "config.json").exists():
-                        train(cfg, log=lambda s: None)
+                        train_row(cfg)
                     model_path = str(run_dir / "model")
                 after = _evaluate(model_path, cfg, tc)
                 run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
-from selfdistill.experiments import note_if_changed, parse_common
+from selfdistill.experiments import note_if_changed, parse_common, train_row
 
 
 @dataclass
@@ -51,8 +51,6 @@ def peer_config(pc: PeersConfig, domain: str) -> TrainConfig:
 
 def make_peers(pc: PeersConfig, log: Callable[[str], None] = print) -> dict[str, str]:
     """Train (or reuse) one SFT peer per domain; returns {domain: model folder}."""
-    from selfdistill.trainer import train
-
     if len(pc.domains) < 2:
         raise ConfigError("domains: name at least two (one peer per domain)")
     paths: dict[str, str] = {}
@@ -61,7 +59,7 @@ def make_peers(pc: PeersConfig, log: Callable[[str], None] = print) -> dict[str,
         model = Path(cfg.output_dir) / "model"
         if not (model / "config.json").exists():
             log(f"== peer {d}: sft on toy-{d} for {pc.steps} steps")
-            train(cfg, log=lambda s: None)
+            train_row(cfg)
         else:
             note_if_changed(f"peer {d}", cfg.seed, Path(cfg.output_dir), cfg, log)
         paths[d] = str(model)

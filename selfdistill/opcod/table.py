@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError
-from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise
+from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise, train_row
 
 
 class Run(NamedTuple):
@@ -101,8 +101,6 @@ def _base_eval(tc: OPCoDTableConfig, seed: int, models: dict[str, str]) -> dict[
 
 def run_opcod_table(tc: OPCoDTableConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every row x seed; write results.md / results.json."""
-    from selfdistill.trainer import train
-
     models = _models(tc)
     names = check_rows(tc.rows, OPCOD_ROWS, "an OPCoD row")
     out = Path(tc.out)
@@ -123,7 +121,7 @@ def run_opcod_table(tc: OPCoDTableConfig, log: Callable[[str], None] = print) ->
                 run_dir = Path(cfg.output_dir)
                 if not (run_dir / "results.json").exists():
                     log(f"== {name}{'-' + run.suffix if run.suffix else ''} seed {seed}")
-                    train(cfg, log=lambda s: None)
+                    train_row(cfg)
                 else:
                     note_if_changed(run_dir.name, seed, run_dir, cfg, log)
                 main = json.loads((run_dir / "results.json").read_text())
