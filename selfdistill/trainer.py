@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -453,6 +454,10 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
     wall = time.time() - t_start
     signals.phase = "the run's record"
     runlog.finish(before, after, wall)
+    if accelerator.is_main_process and not cfg.save_every:
+        # The final checkpoint only guarded the final save and evaluation: a finished run keeps one copy of the
+        # model, and optimizer state only in the checkpoints --save_every asked for.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return RunResult(out, before, after, cfg.steps, wall, skipped)
 

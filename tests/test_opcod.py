@@ -93,8 +93,8 @@ def test_opcod_trains_both_models(tiny_model_dir, peer_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(V, "verify_item", lambda item, text: True)  # a random model is never right
     out = tmp_path / "co"
-    res = train(tiny(tiny_model_dir, peer_dir, out, **{"opcod.gate": "always", "opcod.anchor": False}),
-                log=lambda s: None)
+    res = train(tiny(tiny_model_dir, peer_dir, out, **{"opcod.gate": "always", "opcod.anchor": False,
+                                                      "save_every": 2}), log=lambda s: None)
     assert res.steps == 2
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_student"] > 0 and r["loss_peer"] > 0 and r["feedback_frac"] == 1.0 for r in rows)
