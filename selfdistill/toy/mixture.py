@@ -32,7 +32,7 @@ from typing import Any
 
 from selfdistill.tasks.base import ANSWER_MARKER, Item
 from selfdistill.toy import templates as T
-from selfdistill.toy.tasks import SKILLS, apply, draw_style, make_item, restyle
+from selfdistill.toy.tasks import SKILLS, _wrap, apply, draw_style, make_item, restyle
 
 SHARES: dict[str, float] = {
     "plain": 0.36, "records": 0.08, "reference": 0.07, "demonstration": 0.04, "example": 0.03,
@@ -44,10 +44,6 @@ ITEM_DOMAINS = ("math", "code", "mcqa")
 POOL = 50_000
 
 Messages = list[dict[str, str]]
-
-
-def _other_style(rng: random.Random, item: Item, style: dict[str, Any] | None = None) -> dict[str, Any]:
-    return draw_style(rng, item.domain) if style is None else style
 
 
 def wrong_attempt(rng: random.Random, item: Item, style: dict[str, Any]) -> tuple[str, str]:
@@ -65,11 +61,7 @@ def wrong_attempt(rng: random.Random, item: Item, style: dict[str, Any]) -> tupl
         for s in steps[j + 1:]:
             s[0] = bad
             s[3] = bad = apply(s[0], s[1], s[2])
-        if item.domain == "math":
-            from selfdistill.toy.tasks import math_solution
-
-            wrong = math_solution(m["start"], [(s[1], s[2]) for s in steps], style)
-            # the op list is the same; math_solution recomputes, so write the corrupted lines directly
+        if item.domain == "math":  # the corrupted lines as written (recomputing from the ops would fix them)
             wrong = _render_steps(steps, style, str(steps[-1][3]), f"So the result is {steps[-1][3]}.")
             return wrong, right
         letters = m["letters"]
@@ -108,8 +100,6 @@ def _fmt_step(s, style) -> str:
 
 
 def _render_steps(steps, style, answer: str, closing: str) -> str:
-    from selfdistill.toy.tasks import _wrap
-
     return _wrap([_fmt_step(s, style) for s in steps], answer, style, closing)
 
 
