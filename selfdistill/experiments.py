@@ -179,9 +179,18 @@ def run_table(tc: TableConfig, log=print) -> Path:
 
 
 def train_row(cfg: TrainConfig) -> None:
-    """One table run; a run stopped by a signal stops the table too (exit 128 + signal), resumable by rerunning."""
+    """One table run; a run stopped by a signal stops the table too (exit 128 + signal), resumable by rerunning.
+
+    A folder left by an unfinished attempt (no ``results.json``) is this table's own: it is replaced
+    (``overwrite``; a live run holding the folder's lock is still refused).
+    """
+    from dataclasses import replace
+
     from selfdistill.trainer import train
 
+    folder = Path(cfg.output_dir)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "results.json").exists():
+        cfg = replace(cfg, overwrite=True)
     res = train(cfg, log=lambda s: None)
     if res.stopped_by_signal:
         raise SystemExit(128 + res.stopped_by_signal)

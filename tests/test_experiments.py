@@ -77,3 +77,17 @@ def test_paired_bootstrap_by_hand():
     assert (up.diff, up.lo, up.hi) == (100.0, 100.0, 100.0) and up.resolved
     mixed = paired_bootstrap([[1, 1, 0, 0] * 50], [[1, 0, 0, 0] * 50])
     assert mixed.diff == 25.0 and 15 < mixed.lo < 25 < mixed.hi < 35
+
+
+def test_an_unfinished_table_run_is_replaced_not_refused(tiny_model_dir, tmp_path):
+    """A run folder left without results.json (a killed table) is rerun in place by the next table."""
+    common = [f"model.path={tiny_model_dir}", "steps=1", "batch_size=2", "micro_batch_size=2",
+              "data.train_size=8", "data.test_size=2", "rollout.max_new_tokens=4", "eval.max_items=2",
+              "eval.max_new_tokens=4", "eval.samples=0"]
+    tc = TableConfig(preset="privileged", rows=["sft"], seeds=[0], out=str(tmp_path), common=common, check=False)
+    run = tmp_path / "runs" / "sft-s0"
+    run.mkdir(parents=True)
+    (run / "run_config.yaml").write_text("method: sft\n")
+    (run / "metrics.jsonl").write_text("")
+    run_table(tc, log=lambda s: None)
+    assert (run / "results.json").exists()
