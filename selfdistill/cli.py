@@ -144,6 +144,9 @@ def _add_spd(spd: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     subsp.add_argument("--out", default="subspace", help="Output folder (subspace.safetensors + spectra.png).")
     subsp.add_argument("--eval_betas", default="", help="Also measure the projected policy's accuracy on the "
                        "valid split for these betas, e.g. 0,0.5,1 (1 = no projection).")
+    subsp.add_argument("--diagnostics", action="store_true", help="Also: energy inside the subspace vs a random "
+                       "one, answer-vs-style principal angles, and per beta the projected policy's accuracy, style "
+                       "and KL to the plain policy (diagnostics.json, diagnostics.png).")
     add_flags(subsp, TrainConfig, show={*COMMON_SECTIONS, "spd"})
 
 
@@ -266,7 +269,7 @@ def cmd_spd(ns: argparse.Namespace) -> int:
 
     cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
     betas = [float(b) for b in ns.eval_betas.split(",") if b.strip()]
-    extract_subspace_cli(cfg, ns.out, betas)
+    extract_subspace_cli(cfg, ns.out, betas, diagnostics=ns.diagnostics)
     return 0
 
 

@@ -22,7 +22,7 @@ class SSDConfig:
 class SPDConfig:
     """SPD, Self-Policy Distillation (arXiv 2605.22675): see docs/methods/spd.md."""
 
-    selector: Literal["answer", "all"] = field(default="answer", metadata={
+    selector: Literal["answer", "all", "style"] = field(default="answer", metadata={
         "help": "Correctness-defining tokens: the final-answer span (by format) or all completion tokens (ablation)."})
     probe_size: int = field(default=96, metadata={"help": "Unlabeled train prompts sampled to build the subspace."})
     probe_samples: int = field(default=2, metadata={"help": "Completions per probe prompt."})

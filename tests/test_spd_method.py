@@ -65,6 +65,22 @@ def test_cli_subspace_extracts_saves_and_plots(tiny_model_dir, tmp_path):
     assert (out / "spectra.png").stat().st_size > 1000
 
 
+def test_cli_subspace_diagnostics(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "diag"
+    rc = main(["spd", "subspace", "--model.path", tiny_model_dir, "--out", str(out), "--spd.probe_size", "4",
+               "--spd.probe_samples", "1", "--spd.selector", "all", "--spd.rank", "3", "--diagnostics",
+               "--eval_betas", "0,1", "--rollout.max_new_tokens", "8", "--data.train_size", "10",
+               "--data.test_size", "3", "--eval.max_items", "3", "--eval.max_new_tokens", "6"])
+    assert rc == 0
+    d = json.loads((out / "diagnostics.json").read_text())
+    assert len(d["sites"]) == 4 and all(0 <= s["grad_share"] <= 1 and s["random_share"] == 3 / s["dim"]
+                                        for s in d["sites"])
+    assert [r["beta"] for r in d["betas"]] == [0.0, 1.0] and abs(d["betas"][1]["kl_proj_plain"]) < 1e-6
+    assert (out / "diagnostics.png").stat().st_size > 1000 and "gradient energy inside" in capsys.readouterr().out
+
+
 def _opd_args(model_dir: str, out, *extra: str) -> list[str]:
     return ["train", "--method", "spd-opd", "--model.path", model_dir, "--output_dir", str(out), "--steps", "2",
             "--batch_size", "2", "--micro_batch_size", "2", "--spd.probe_size", "4", "--spd.probe_samples", "1",

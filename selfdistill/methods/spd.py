@@ -95,8 +95,10 @@ def randomize(sset: SubspaceSet, seed: int) -> SubspaceSet:
 
 
 def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None = None,
-                     micro_batch: int = 16, log=print) -> SubspaceSet:
-    """Steps 1-3: probe the model on unlabeled prompts, fit the K/V capability subspace."""
+                     micro_batch: int = 16, log=print, accumulator: SubspaceAccumulator | None = None) -> SubspaceSet:
+    """Steps 1-3: probe the model on unlabeled prompts, fit the K/V capability subspace.
+
+    ``accumulator``: fill this one (the caller then has the probe's statistics, for diagnostics)."""
     s = cfg.spd
     rng = random.Random(seed)
     probe = rng.sample(items, k=min(s.probe_size, len(items)))
@@ -104,7 +106,7 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
     probe_items = [it for it in probe for _ in range(s.probe_samples)]
     torch.manual_seed(seed)
     ro = generate(model, tokenizer, prompts, cfg.rollout)
-    acc = SubspaceAccumulator()
+    acc = accumulator if accumulator is not None else SubspaceAccumulator()
     device = next(model.parameters()).device
     used = selected = 0
     rows = []
@@ -303,15 +305,18 @@ def projected_policy_accuracy(model, tokenizer, tasks, cfg, sset: SubspaceSet, b
     return rows
 
 
-def extract_subspace_cli(cfg, out: str, eval_betas: list[float] | None = None) -> Path:
-    """``selfdistill spd subspace``: extract, save (safetensors) and plot per-layer spectra."""
+def extract_subspace_cli(cfg, out: str, eval_betas: list[float] | None = None, diagnostics: bool = False) -> Path:
+    """``selfdistill spd subspace``: extract, save (safetensors) and plot per-layer spectra; optionally the
+    projected policy per beta and the diagnostics (:func:`write_diagnostics`)."""
     from selfdistill.models import load_model
     from selfdistill.tasks.registry import ItemStream, build_tasks
 
     tasks = build_tasks(cfg.data)
     model, tok = load_model(cfg.model)
     items = ItemStream(tasks, cfg.batch_size, cfg.seed).items
-    sset = extract_subspace(model, tok, items, cfg, seed=cfg.seed * 1000, system=cfg.model.system_prompt or None)
+    acc = SubspaceAccumulator()
+    sset = extract_subspace(model, tok, items, cfg, seed=cfg.seed * 1000, system=cfg.model.system_prompt or None,
+                            accumulator=acc)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_subspaces(out_dir / "subspace.safetensors", sset)
@@ -331,7 +336,74 @@ def extract_subspace_cli(cfg, out: str, eval_betas: list[float] | None = None) -
             g = "-" if r["greedy"] is None else f"{100 * r['greedy']:.1f}"
             sm = "-" if r["sampled"] is None else f"{100 * r['sampled']:.1f}"
             print(f"{r['beta']:>5}  {r['task']:<10} {g:>7} {sm:>8}")
+    if diagnostics:
+        write_diagnostics(model, tok, tasks, items, cfg, sset, acc, eval_betas or [0.0, 0.5, 0.9, 1.0], out_dir)
     return out_dir
+
+
+def write_diagnostics(model, tok, tasks, items, cfg, sset: SubspaceSet, acc: SubspaceAccumulator,
+                      betas: list[float], out_dir: Path) -> Path:
+    """Energy shares vs random, answer-vs-style principal angles, and the projected policy's shift per beta
+    (on the ``valid`` split), printed, saved as ``diagnostics.json`` and plotted (``diagnostics.png``)."""
+    import json
+    from dataclasses import replace
+
+    from selfdistill.spd.diagnostics import energy_shares, principal_angles_deg, projection_shift
+
+    shares = energy_shares(acc, sset)
+    style_cfg = replace(cfg, spd=replace(cfg.spd, selector="style"))
+    try:
+        style = extract_subspace(model, tok, items, style_cfg, seed=cfg.seed * 1000, log=lambda s: None,
+                                 system=cfg.model.system_prompt or None)
+    except ConfigError:  # no style lines in the probe (not the toy world): no angles
+        style = None
+    sites = []
+    for sh in shares:
+        key = (sh.layer, sh.kind)
+        angles = (principal_angles_deg(sset.subspaces[key].U_dr, style.subspaces[key].U_dr)
+                  if style is not None and key in style.subspaces else [])
+        sites.append({**sh.__dict__, "random_share": sh.random_share, "angles_answer_style_deg": angles})
+        print(f"layer {sh.layer} {sh.kind}: gradient energy inside {100 * sh.grad_share:.1f}%, centred activation "
+              f"energy inside {100 * sh.act_share:.1f}% (random subspace {100 * sh.random_share:.1f}%)"
+              + (f", smallest answer/style angle {angles[0]:.1f} deg" if angles else ""))
+    valid = [it for t in tasks for it in t.items("valid")[: cfg.eval.max_items or None]]
+    shift = projection_shift(model, tok, valid, sset, betas, max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                             kinds=("k", "v") if cfg.spd.kinds == "kv" else (cfg.spd.kinds,),
+                             system=cfg.model.system_prompt or None)
+    for r in shift:
+        print(f"beta {r['beta']}: accuracy {100 * r['accuracy']:.1f}%, KL(projected||plain) {r['kl_proj_plain']:.3f} "
+              f"nats/token, spaced {100 * r['spaced']:.0f}%, preamble {100 * r['preamble']:.0f}%, closing "
+              f"{100 * r['closing']:.0f}%, mean length {r['mean_len']:.1f}")
+    path = out_dir / "diagnostics.json"
+    path.write_text(json.dumps({"sites": sites, "betas": shift, "split": "valid", "items": len(valid)}, indent=2))
+    _plot_diagnostics(sites, shift, out_dir / "diagnostics.png")
+    print(f"saved {path} and {out_dir / 'diagnostics.png'}")
+    return path
+
+
+def _plot_diagnostics(sites: list[dict[str, Any]], shift: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    x = range(len(sites))
+    a.bar([i - 0.25 for i in x], [s["grad_share"] for s in sites], 0.25, label="gradient energy")
+    a.bar(list(x), [s["act_share"] for s in sites], 0.25, label="activation energy (centred)")
+    a.bar([i + 0.25 for i in x], [s["random_share"] for s in sites], 0.25, label="random subspace")
+    a.set(xticks=list(x), xticklabels=[f"L{s['layer']}{s['kind']}" for s in sites], ylim=(0, 1),
+          title="share inside the subspace")
+    a.legend(fontsize=7)
+    betas = [r["beta"] for r in shift]
+    b.plot(betas, [r["accuracy"] for r in shift], marker="o", label="accuracy (valid, T=1)")
+    b.plot(betas, [r["kl_proj_plain"] for r in shift], marker="s", label="KL(projected || plain), nats/token")
+    b.set(xlabel="beta (1 = no projection)", title="the projected policy")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_spectra(sset: SubspaceSet, path: Path) -> Path:

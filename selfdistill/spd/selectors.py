@@ -53,8 +53,12 @@ def select_tokens(tokenizer, item: Item, completion_ids: Sequence[int], text: st
     """
     if selector == "all":
         return [1] * len(completion_ids)
+    if selector == "style":  # diagnostics: the toy world's style lines (preamble, closing), not the answer
+        from selfdistill.spd.diagnostics import select_style_tokens
+
+        return select_style_tokens(tokenizer, completion_ids, text)
     if selector != "answer":
-        raise ValueError(f"spd.selector must be 'answer' or 'all', got {selector!r}")
+        raise ValueError(f"spd.selector must be 'answer', 'all' or 'style', got {selector!r}")
     span = correctness_span(item, text)
     if span is None:
         return [0] * len(completion_ids)
