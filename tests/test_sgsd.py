@@ -164,7 +164,7 @@ def test_sgsd_trains_with_online_update(tiny_model_dir, tmp_path):
     out = tmp_path / "sgsd"
     cfg = tiny(tiny_model_dir, out, method="sgsd", **{
         "onpolicy.samples_per_prompt": 2, "sgsd.bank_prompts": 3, "sgsd.bank_samples": 1, "sgsd.update_every": 1,
-        "sgsd.num_teachers": 2, "micro_batch_size": 3, "sgsd.support_threshold": 0.0})
+        "sgsd.num_teachers": 2, "micro_batch_size": 3, "sgsd.support_threshold": 0.0, "save_every": 2})
     assert train(cfg, log=lambda s: None).steps == 2
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     # (A random tiny model barely reads its context: without the dead zone every teacher has a sign.)
