@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, from_dict, set_dotted, to_dict
+from selfdistill.config_io import ConfigError, flatten, from_dict, set_dotted, to_dict
 
 #: Rows per preset: name -> dotted overrides on top of the common settings.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -214,16 +214,6 @@ def preconditions(model: str, out: Path, log) -> str:
     return text
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def note_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log) -> None:
     """A reused run whose saved settings differ from the row's now: say which keys.
 
@@ -234,8 +224,8 @@ def note_if_changed(name: str, seed: int, run_dir: Path, cfg: TrainConfig, log) 
     saved_p = run_dir / "run_config.yaml"
     if not saved_p.exists():
         return
-    saved, now = _flat(yaml.safe_load(saved_p.read_text())), _flat(to_dict(cfg))
-    default = _flat(to_dict(TrainConfig()))
+    saved, now = flatten(yaml.safe_load(saved_p.read_text())), flatten(to_dict(cfg))
+    default = flatten(to_dict(TrainConfig()))
     skip = ("resume", "output_dir")
     diff = sorted(k for k in now if k not in skip and (
         saved[k] != now[k] if k in saved else now[k] != default.get(k)))

@@ -25,11 +25,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from selfdistill.atomic import SCRATCH, remove_scratch
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, load_yaml, to_dict
+from selfdistill.config_io import ConfigError, flatten, load_yaml, to_dict
 
 #: Where default runs go, relative to the working directory.
 RUNS = Path("runs")
@@ -129,23 +128,13 @@ def live_holder(folder: Path) -> str | None:
         os.close(fd)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_differences(cfg: TrainConfig, out: Path) -> list[str]:
     """``--key (saved A, now B)`` for each setting of ``cfg`` that differs from the run saved in ``out``.
 
     :data:`RESUME_MAY_CHANGE` is ignored; a setting the saved run predates counts as its default then.
     """
-    saved = _flat(load_yaml(out / RUN_RECORD))
-    now, default = _flat(to_dict(cfg)), _flat(to_dict(TrainConfig()))
+    saved = flatten(load_yaml(out / RUN_RECORD))
+    now, default = flatten(to_dict(cfg)), flatten(to_dict(TrainConfig()))
     return [f"--{k} (saved {saved.get(k, default.get(k))!r}, now {v!r})" for k, v in now.items()
             if k not in RESUME_MAY_CHANGE and saved.get(k, default.get(k)) != v]
 

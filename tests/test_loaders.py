@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -368,35 +366,6 @@ def test_hf_spec_names_a_local_file_with_its_format(tmp_path: Path, monkeypatch:
 
 def _install_fake_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in for selfdistill.tasks.sandbox (same run_python signature, no isolation)."""
-    import subprocess
-    from dataclasses import dataclass
+    from fakesandbox import install_fake_sandbox
 
-    @dataclass
-    class Result:
-        ok: bool
-        stdout: str
-        stderr: str
-        returncode: int | None
-        reason: str
-        wall_s: float
-
-    def run_python(
-        code: str,
-        *,
-        tests: str | None = None,
-        stdin: str | None = None,
-        timeout_s: float = 2.0,
-        memory_mb: int = 256,
-        **_: Any,
-    ) -> Result:
-        if tests is not None:
-            code = code + "\n" + tests
-        try:
-            p = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return Result(False, "", "", None, "timeout", timeout_s)
-        return Result(p.returncode == 0, p.stdout, p.stderr, p.returncode, "", 0.0)
-
-    module = types.ModuleType("selfdistill.tasks.sandbox")
-    module.run_python = run_python  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "selfdistill.tasks.sandbox", module)
+    install_fake_sandbox(monkeypatch)
