@@ -16,6 +16,7 @@ from typing import Sequence
 
 from selfdistill.tasks.base import ANSWER_MARKER, Item
 from selfdistill.toy.steps import CODE_STEP_RE, apply, expected_steps, format_step, is_text_line, parse_step
+from selfdistill.toy.templates import CRITIQUE_MARK, MISSING_MARK  # one format: the toy pretraining reads it too
 
 
 @dataclass
@@ -61,11 +62,11 @@ class Critique:
             if c.ok:
                 out.append(c.original or "")
             elif c.original is None:
-                out.append(f"{c.corrected}   <- missing step")
+                out.append(f"{c.corrected}{MISSING_MARK}")
             elif c.corrected is None:
                 out.append(f"(not needed: {c.original.strip()})")
             else:
-                out.append(f"{c.corrected}   <- corrected (you wrote: {c.original.strip()})")
+                out.append(c.corrected + CRITIQUE_MARK.format(orig=c.original.strip()))
         return "\n".join(out)
 
 

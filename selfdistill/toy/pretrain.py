@@ -71,10 +71,11 @@ def encode_example(tok, messages: list[dict[str, str]], trained: list[bool]) -> 
     mask: list[int] = []
     turn = 0
     end = tok.convert_tokens_to_ids("<|im_end|>")
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    heads = {r: tok(f"<|im_start|>{r}\n", add_special_tokens=False)["input_ids"] for r in ("user", "assistant")}
     for m in messages:
-        head = tok(f"<|im_start|>{m['role']}\n", add_special_tokens=False)["input_ids"]
+        head = heads.get(m["role"]) or tok(f"<|im_start|>{m['role']}\n", add_special_tokens=False)["input_ids"]
         body = tok(m["content"], add_special_tokens=False)["input_ids"] + [end]
-        nl = tok("\n", add_special_tokens=False)["input_ids"]
         on = m["role"] == "assistant" and trained[turn]
         ids += head + body + nl
         mask += [0] * len(head) + [int(on)] * len(body) + [0] * len(nl)
