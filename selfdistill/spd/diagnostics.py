@@ -56,9 +56,13 @@ def energy_shares(acc: SubspaceAccumulator, sset: SubspaceSet) -> list[SiteShare
         G = acc.gram[key]
         mu = acc.act_sum[key] / n
         C = acc.act_gram[key] / n - torch.outer(mu, mu)
-        share = lambda M: float(torch.trace(U.T @ M @ U) / torch.trace(M).clamp(min=1e-30))  # noqa: E731
-        out.append(SiteShare(key[0], key[1], sub.rank, sub.dim, share(G), share(C)))
+        out.append(SiteShare(key[0], key[1], sub.rank, sub.dim, _share(U, G), _share(U, C)))
     return out
+
+
+def _share(U: torch.Tensor, M: torch.Tensor) -> float:
+    """Share of the energy ``trace(M)`` inside span(U): ``trace(U^T M U) / trace(M)``."""
+    return float(torch.trace(U.T @ M @ U) / torch.trace(M).clamp(min=1e-30))
 
 
 def principal_angles_deg(U_a: torch.Tensor, U_b: torch.Tensor) -> list[float]:

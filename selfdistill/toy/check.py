@@ -150,7 +150,7 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
         first = len(rows)
         tpl = T.HELD_OUT[kind]
         for d in DOMAINS:
-            its, users, base, refs_users, own_correct = [], [], [], [], []
+            its, users, base, own_correct = [], [], [], []
             for it, outs, acc in zip(items[d], own[d], student[d]):
                 if kind in ("reference", "demonstration"):
                     ctx = it.solution
@@ -167,7 +167,6 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
                 its.append(it)
                 users.append(T.fill(tpl, it.prompt, ctx))
                 base.append(acc)
-                refs_users.append(it)
                 own_correct += [(T.fill(tpl, it.prompt, ctx), it.prompt, t) for t in outs[1:] if verify_item(it, t)]
             if not its:
                 rows.append(Row(f"{label} teacher view, {d}", None, ">= student + 20", False, "no items"))
