@@ -245,7 +245,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, show: Container[str] |
         default = f.default if f.default is not dataclasses.MISSING else None
         if default not in (None, "") and not isinstance(default, (list, dict)):
             help_ += f" (default: {default})"
-        groups[section].add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V", help=help_)
+        groups[section].add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="V",
+                                     help=help_.replace("%", "%%"))  # argparse %-formats help strings
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

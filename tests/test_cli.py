@@ -101,3 +101,22 @@ def test_help_and_methods_import_no_torch():
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(got["rc"].values()) == {0}
     assert got["torch"] is False and got["transformers"] is False
+
+
+def test_every_command_and_subcommand_renders_its_help():
+    """argparse %-formats help strings: a literal % in a field's help (e.g. "decay to 10%") once broke
+    ``selfdistill toy pretrain --help`` with a traceback."""
+    import argparse
+
+    from selfdistill.cli import _parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> int:
+        assert parser.format_help(), path
+        n = 1
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    n += walk(child, f"{path} {name}")
+        return n
+
+    assert walk(_parser(None), "selfdistill") > len(_COMMANDS)

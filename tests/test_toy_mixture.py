@@ -68,3 +68,17 @@ def test_batches_fit_the_token_budget_and_are_deterministic():
     a, b = chunk_batches(tok, cfg, 0, size=128), chunk_batches(tok, cfg, 0, size=128)
     assert a == b
     assert all(len(x) * max(len(e[0]) for e in x) <= 2048 or len(x) == 1 for x in a)
+
+
+def test_copy_part_is_an_exact_copy_and_the_reading_curriculum_grows():
+    from selfdistill.toy.mixture import CURRICULUM
+
+    copies = [example(0, i)[1] for i in range(3000) if example(0, i)[0] == "copy"]
+    assert copies and all(m[1]["content"] in m[0]["content"] for m in copies)
+
+    def records_rows(start: int) -> list[int]:
+        return [example(0, i)[1][0]["content"].count("\nid ") for i in range(start, start + 1500)
+                if example(0, i)[0] == "records"]
+
+    early, late = records_rows(0), records_rows(CURRICULUM)
+    assert max(early) <= 5 and max(late) > 15  # 4 records at most at the start, up to 24 after the curriculum

@@ -6,8 +6,14 @@ examples (``SHARES``; token shares are printed by ``selfdistill toy mixture``):
 
 - ``plain`` (all methods; SPD's style-vs-capability question): problem ->
   solution in one of several styles.
-- ``records`` (SafeSteer; long-range lookup): a 3-30-record table and a
-  question, answered, or refused for two forbidden categories.
+- ``records`` (SafeSteer; long-range lookup): a 3-24-record table and a
+  question, answered, or refused for two forbidden categories. A reading
+  curriculum: the largest table grows from 4 to 24 records over the first
+  ``CURRICULUM`` examples.
+- ``copy`` (every context-reading method): another item's problem and
+  solution, or a random digit/word string, copied exactly; lengths grow
+  over the same curriculum. v2's model never formed the copy it needed
+  (records lookup 0.3%, a math reference changed nothing).
 - privileged context (OPSD, SDFT, SDPO): ``reference`` (restyled, never
   copied), ``demonstration`` (same problem, the target follows its style),
   ``example`` (another item of the domain, worked), ``correct_attempt``,
@@ -32,14 +38,19 @@ from typing import Any
 
 from selfdistill.tasks.base import ANSWER_MARKER, Item
 from selfdistill.toy import templates as T
+from selfdistill.toy.records import records_item
 from selfdistill.toy.tasks import SKILLS, _wrap, apply, draw_style, make_item, restyle
 
 SHARES: dict[str, float] = {
-    "plain": 0.36, "records": 0.08, "reference": 0.07, "demonstration": 0.04, "example": 0.03,
+    "plain": 0.33, "records": 0.06, "copy": 0.05, "reference": 0.07, "demonstration": 0.04, "example": 0.03,
     "correct_attempt": 0.04, "wrong_attempt": 0.03, "hint": 0.03, "partial": 0.03, "verdict": 0.04,
     "critique": 0.05, "skill": 0.08, "sharded": 0.07, "concat": 0.03, "peer": 0.02,
 }
 ITEM_DOMAINS = ("math", "code", "mcqa")
+#: Item domains are drawn with these weights (v2 drew them uniformly and math sat at 6% in domain).
+DOMAIN_WEIGHTS = (0.4, 0.3, 0.3)
+#: Examples over which the reading curriculum (records per table, copy length) grows to its full size.
+CURRICULUM = 40_000
 #: Pretraining draws problems from this many train-split indices per domain.
 POOL = 50_000
 
@@ -111,6 +122,28 @@ def critique_text(wrong: str, right: str) -> str:
     return "\n".join(out)
 
 
+def copy_text(rng: random.Random, seed: int, max_tokens: int) -> str:
+    """Text to copy: worked items of the three domains, or random digits and words, of roughly
+    ``max_tokens`` tokens at most (a character counts as a token for digits; words are single tokens)."""
+    budget = rng.randint(max(8, max_tokens // 4), max_tokens)
+    parts: list[str] = []
+    size = 0
+    while size < budget:
+        if rng.random() < 0.5:
+            it = make_item(rng.choice(ITEM_DOMAINS), "train", rng.randrange(POOL), seed)
+            piece = f"{it.prompt}\n{restyle(it, draw_style(rng, it.domain))}"
+        else:
+            piece = " ".join(str(rng.randint(0, 9999)) if rng.random() < 0.6 else rng.choice(_COPY_WORDS)
+                             for _ in range(rng.randint(3, 12)))
+        parts.append(piece)
+        size += len(piece) // 2
+    return "\n".join(parts)
+
+
+_COPY_WORDS = ("room", "code", "public", "secret", "key", "id", "value", "step", "answer", "option", "print",
+               "the", "is", "of", "and", "then", "so", "result")
+
+
 def skill_lines(skills: list[str]) -> str:
     return "\n".join(f"skill: {s}" for s in skills)
 
@@ -140,10 +173,15 @@ def example(seed: int, index: int) -> tuple[str, Messages, list[bool]]:
     """The ``index``-th pretraining example: (component, messages, loss on each assistant turn)."""
     rng = random.Random(f"mix/{seed}/{index}")
     comp = _pick(rng)
+    grow = min(1.0, index / CURRICULUM)
     if comp == "records":
-        it = make_item("records", "train", rng.randrange(POOL), seed)
+        it = records_item(random.Random(f"mix-records/{seed}/{index}"), "train", f"mix-{index}",
+                          max_records=4 + round(20 * grow))
         return comp, [_u(it.prompt), _a(it.solution)], [True]
-    domain = rng.choice(ITEM_DOMAINS)
+    if comp == "copy":
+        text = copy_text(rng, seed, max_tokens=16 + round(200 * grow))
+        return comp, [_u(rng.choice(T.COPY).format(text=text)), _a(text)], [True]
+    domain = rng.choices(ITEM_DOMAINS, DOMAIN_WEIGHTS)[0]
     it = make_item(domain, "train", rng.randrange(POOL), seed)
     target_style = draw_style(rng, domain)
     target = restyle(it, target_style)

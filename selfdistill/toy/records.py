@@ -33,9 +33,10 @@ def is_refusal(text: str) -> bool:
     return any(r.lower() in t for r in REFUSALS) or t.startswith(("i can not", "i cannot", "sorry", "i will not"))
 
 
-def records_item(rng: random.Random, split: str, idx: str) -> Item:
-    """One lookup/refusal item. the OOD splits ask the held-out forbidden categories (or harmless ones)."""
-    n = rng.randint(3, 24)
+def records_item(rng: random.Random, split: str, idx: str, max_records: int = 24) -> Item:
+    """One lookup/refusal item with 3-``max_records`` records; the OOD splits ask the held-out forbidden
+    categories (or harmless ones). Pretraining grows ``max_records`` (a reading curriculum)."""
+    n = rng.randint(3, max(3, max_records))
     ids = rng.sample(range(1, 100), k=n)
     noun = rng.choice(NOUNS)
     forb_adj = "secret" if noun in ("code", "key", "vault") else "private"

@@ -85,6 +85,8 @@ HELD_OUT: dict[str, str] = {
 }
 
 ACKS = ("Noted.", "Got it.", "OK, go on.")
+#: Instructions of the pretraining ``copy`` part (exact copies; no method uses them).
+COPY = ("Copy this exactly:\n{text}", "Repeat the text below.\n{text}", "{text}\n\nWrite the text above again.")
 CRITIQUE_MARK = "   <- corrected (you wrote: {orig})"
 MISSING_MARK = "   <- missing step"
 
