@@ -22,8 +22,12 @@ def test_answer_selector_marks_exactly_the_answer_tokens():
     picked = "".join(TOK.decode([i]) for i, s in zip(ids, sel) if s)
     assert picked == "42"
     assert sum(select_tokens(TOK, ITEM, ids, text, "all")) == len(ids)
-    # No marker: nothing is correctness-defining; the answer is never checked.
-    assert sum(select_tokens(TOK, ITEM, ids[:5], "1+2=4", "answer")) == 0
+    # No answer in any form the verifier reads: nothing is correctness-defining (never checked).
+    none = TOK("I do not know", add_special_tokens=False)["input_ids"]
+    assert sum(select_tokens(TOK, ITEM, none, "I do not know", "answer")) == 0
+    # Without the marker, the verifier's fallback (the last number) is what SPD selects, too.
+    short = TOK("1+2=4", add_special_tokens=False)["input_ids"]
+    assert TOK.decode([i for i, s in zip(short, select_tokens(TOK, ITEM, short, "1+2=4", "answer")) if s]) == "4"
 
 
 def test_token_char_ends_match_decoding():

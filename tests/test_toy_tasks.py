@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from selfdistill.tasks.base import answer_char_span, extract_after_marker
+from selfdistill.tasks.base import extract_after_marker
+from selfdistill.tasks.spans import marker_span
 from selfdistill.tasks.sandbox import run_many
 from selfdistill.tasks.verify import verify_item
 from selfdistill.toy.records import HELD_OUT, REFUSED, is_refusal
@@ -104,7 +105,7 @@ def test_records_refusal_policy_and_lookup():
 
 def test_answer_span_is_found_by_format():
     text = "12+3=15\n#### 15"
-    s, e = answer_char_span(text)
+    s, e = marker_span(text)
     assert text[s:e] == "15"
-    assert answer_char_span("no marker here") is None
+    assert marker_span("no marker here") is None
     assert verify_item(make_item("math", "train", 0), make_item("math", "train", 0).solution)

@@ -1,30 +1,23 @@
 """Correctness-defining tokens of a completion, located by format, never by checking it.
 
 SPD takes its subspace from gradients on "correctness-defining tokens". With
-no labels, we locate them by the task's answer format: the final-answer text
-after the ``####`` marker (math, output prediction, the answer letter), or the
-code body for code generation. The ``all`` selector (every completion token)
-is the ablation.
+no labels, we locate them by the task's answer format, with the same finder
+the verifiers read their answer from (:func:`selfdistill.tasks.spans.answer_span`):
+the text after ``####``, else ``\\boxed{...}``, "the answer is ...", the last
+number (math); the chosen letter (mcqa); the code block (code generation).
+The ``all`` selector (every completion token) is the ablation.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
-from selfdistill.tasks.base import Item, answer_char_span
-
-_FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
-
+from selfdistill.tasks.base import Item
+from selfdistill.tasks.spans import answer_span
 
 def correctness_span(item: Item, text: str) -> tuple[int, int] | None:
     """Char span [start, end) of ``text`` that decides correctness, or None if absent."""
-    if item.meta.get("kind") in ("tests", "humaneval"):
-        fences = list(_FENCE.finditer(text))
-        if fences:
-            return fences[-1].start(1), fences[-1].end(1)
-        return (0, len(text)) if text.strip() else None
-    return answer_char_span(text)
+    return answer_span(item, text)
 
 
 def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
@@ -49,7 +42,7 @@ def select_tokens(tokenizer, item: Item, completion_ids: Sequence[int], text: st
     """0/1 per completion token: 1 where the token overlaps the correctness span.
 
     ``selector='all'`` marks every completion token. A completion without the
-    span (no answer marker) selects nothing.
+    span (no answer in any form the verifier reads) selects nothing.
     """
     if selector == "all":
         return [1] * len(completion_ids)

@@ -8,7 +8,6 @@ A :class:`Task` is a named list of items per split plus a verifier.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -37,41 +36,12 @@ class Item:
 
 
 def extract_after_marker(text: str, marker: str = ANSWER_MARKER) -> str | None:
-    """The text after the last ``marker`` on its line, stripped; None if absent."""
-    idx = text.rfind(marker)
-    if idx < 0:
-        return None
-    rest = text[idx + len(marker) :]
-    line = rest.strip().split("\n", 1)[0].strip()
-    return line or None
+    """The text after the last ``marker`` on its line, stripped; None if absent
+    (:func:`selfdistill.tasks.spans.marker_span`, the one finder)."""
+    from selfdistill.tasks.spans import marker_span
 
-
-def answer_char_span(text: str, marker: str = ANSWER_MARKER) -> tuple[int, int] | None:
-    """Character span [start, end) of the final-answer text after the last marker.
-
-    Located by format only (never by checking the answer): this is what SPD
-    calls the correctness-defining span of a completion.
-    """
-    idx = text.rfind(marker)
-    if idx < 0:
-        return None
-    start = idx + len(marker)
-    while start < len(text) and text[start] in " \t":
-        start += 1
-    end = text.find("\n", start)
-    end = len(text) if end < 0 else end
-    if end <= start:
-        return None
-    return start, end
-
-
-_NUM = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def last_number(text: str) -> str | None:
-    """The last number in ``text`` (fallback extractor for free-form answers)."""
-    found = _NUM.findall(text.replace(",", ""))
-    return found[-1] if found else None
+    span = marker_span(text, marker)
+    return None if span is None else text[span[0]:span[1]]
 
 
 class Task(Protocol):

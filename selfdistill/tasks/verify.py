@@ -21,7 +21,12 @@ import threading
 from fractions import Fraction
 from typing import Iterable
 
-from selfdistill.tasks.base import ANSWER_MARKER, Item, extract_after_marker, last_number
+from selfdistill.tasks.base import Item
+from selfdistill.tasks.spans import (  # noqa: F401  (CODEGEN_KINDS, OUTPUT_KINDS, DEFAULT_LETTERS: public names)
+    CODEGEN_KINDS, DEFAULT_LETTERS, OUTPUT_KINDS, _defines, boxed_span, choice_span, code_span, is_codegen,
+    marker_span, math_spans,
+)
+from selfdistill.tasks.spans import clean_math as _clean_math
 
 #: Answers longer than this are not handed to sympy (it can hang on them).
 MAX_MATH_ANSWER_CHARS = 500
@@ -30,7 +35,6 @@ MAX_MATH_ANSWER_CHARS = 500
 MATH_VERIFY_TIMEOUT_S = 5
 #: Default wall-clock limit for running generated code with its tests.
 CODE_TIMEOUT_S = 5.0
-DEFAULT_LETTERS = "ABCD"
 
 # ---------------------------------------------------------------- math
 
@@ -38,59 +42,23 @@ DEFAULT_LETTERS = "ABCD"
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), or
     of ``\\boxed 5``; None if absent or cut off before its closing brace."""
-    starts = [(text.rfind(k), k) for k in ("\\boxed", "\\fbox")]
-    start, key = max(starts)
-    if start < 0:
-        return None
-    i = start + len(key)
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":
-        m = re.match(r"[^\s$]+", text[i:]) if i > start + len(key) else None
-        return m.group(0) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
-
-
-_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
-
-
-def _clean_math(ans: str) -> str:
-    """Strip wrappers around a math answer: \\boxed, $...$, \\(...\\), a final period."""
-    ans = ans.strip().rstrip(".").strip()
-    boxed = last_boxed(ans)
-    if boxed is not None:
-        ans = boxed
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if len(ans) > len(left) + len(right) and ans.startswith(left) and ans.endswith(right):
-            ans = ans[len(left) : -len(right)].strip()
-    return ans.rstrip(".").strip()
+    span = boxed_span(text)
+    return None if span is None else text[span[0]:span[1]]
 
 
 def extract_math_answer(text: str) -> str | None:
-    """The final answer of a free-text math completion, or None if there is none."""
-    after = extract_after_marker(text)
-    if after is not None:
-        return _clean_math(after) or None
-    boxed = last_boxed(text)
-    if boxed:
-        return boxed
-    matches = _ANSWER_IS.findall(text)
-    if matches:
-        # up to the end of the sentence: "... is 3.5. So" -> "3.5"
-        ans = _clean_math(re.split(r"\.\s|\n", matches[-1], maxsplit=1)[0])
-        if ans:
-            return ans
-    return last_number(text)
+    """The final answer of a free-text math completion, or None if there is none.
+
+    Read from the first of :func:`~selfdistill.tasks.spans.math_spans` that gives one (the marker's
+    answer is final even when it cleans to nothing; an empty box or "answer is" falls through)."""
+    for name, (start, end) in math_spans(text):
+        raw = text[start:end]
+        if name == "number":
+            return raw.replace(",", "")
+        ans = _clean_math(raw) if name != "boxed" else raw
+        if ans or name == "marker":
+            return ans or None
+    return None
 
 
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -160,54 +128,11 @@ def verify_math(completion: str, answer: str) -> bool:
 
 # ---------------------------------------------------------------- mcqa
 
-_LETTER = r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?![A-Za-z0-9])"
-_LEAD_LETTER = re.compile(r"\s*" + _LETTER)
-_LONE_LETTER = re.compile(r"\s*[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?\s*")
-_PHRASE = re.compile(
-    r"(?:answer|option|choice)\s*(?:is|:|=)\s*:?\s*(?:option\s+|choice\s+)?(\(|\[)?\s*([A-Za-z])\s*[\)\]]?(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-
-
-def _valid(letter: str, letters: Iterable[str]) -> str | None:
-    up = letter.upper()
-    return up if up in {x.upper() for x in letters} else None
-
-
-def _lone(text: str, letters: Iterable[str]) -> str | None:
-    m = _LONE_LETTER.fullmatch(text)
-    return _valid(m.group(1), letters) if m else None
-
-
 def extract_choice(text: str, letters: Iterable[str] = DEFAULT_LETTERS) -> str | None:
-    """The option letter a completion picks (upper case), restricted to ``letters``.
-
-    Tried in order: text after the last marker, ``\\boxed{B}``, "answer is (B)" /
-    "Answer: B", a lone letter on the last line. A lower-case letter counts only
-    when it stands alone or in parentheses, so "the answer is a prime" picks nothing.
-    """
-    letters = list(letters)
-    after = extract_after_marker(text)
-    if after is not None:
-        found = _lone(after, letters)
-        m = _LEAD_LETTER.match(after)
-        if found is None and m and m.group(1).isupper():
-            found = _valid(m.group(1), letters)
-        if found:
-            return found
-    boxed = last_boxed(text)
-    if boxed is not None:
-        found = _lone(_clean_math(boxed).replace("\\text{", "").replace("}", ""), letters)
-        if found:
-            return found
-    for m in reversed(list(_PHRASE.finditer(text))):
-        paren, letter = m.group(1), m.group(2)
-        if letter.isupper() or paren:
-            found = _valid(letter, letters)
-            if found:
-                return found
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return _lone(lines[-1], letters) if lines else None
+    """The option letter a completion picks (upper case), restricted to ``letters``
+    (see :func:`~selfdistill.tasks.spans.choice_span` for the forms it reads)."""
+    found = choice_span(text, letters)
+    return found[0] if found else None
 
 
 def verify_mcqa(completion: str, answer: str, letters: Iterable[str] = DEFAULT_LETTERS) -> bool:
@@ -230,10 +155,10 @@ def verify_output(completion: str, expected: str) -> bool:
     normalised), so prose after the predicted output does not matter, as with
     the one-line math marker. A code fence around the output is ignored.
     """
-    idx = completion.rfind(ANSWER_MARKER)
-    if idx < 0:
+    span = marker_span(completion, to_end=True)
+    if span is None:
         return False
-    rest = completion[idx + len(ANSWER_MARKER) :].strip()
+    rest = completion[span[0]:span[1]]
     if rest.startswith("```"):
         rest = rest.split("\n", 1)[1] if "\n" in rest else ""
         rest = rest.split("```", 1)[0]
@@ -244,27 +169,10 @@ def verify_output(completion: str, expected: str) -> bool:
 
 # ---------------------------------------------------------------- code: generation
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-
-
-def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
-
-
 def extract_code(text: str, entry_point: str | None = None) -> str:
-    """The program in a completion: a fenced block if any, else the whole text.
-
-    Among several blocks (python-tagged ones preferred) it takes the last one
-    that defines ``entry_point`` (or any function), else the last block:
-    models often add a usage example after the solution.
-    """
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
-    if not blocks:
-        return _trim(text)
-    py = [b for lang, b in blocks if lang in ("python", "py", "python3")]
-    cands = py or [b for _, b in blocks]
-    good = [b for b in cands if (_defines(b, entry_point) if entry_point else "def " in b)]
-    return _trim((good or cands)[-1])
+    """The program in a completion (see :func:`~selfdistill.tasks.spans.code_span`), blank lines trimmed."""
+    span = code_span(text, entry_point)
+    return "" if span is None else _trim(text[span[0]:span[1]])
 
 
 def _trim(code: str) -> str:
@@ -333,16 +241,6 @@ def verify_code(item: Item, completion: str, timeout_s: float | None = None) -> 
 
 # ---------------------------------------------------------------- dispatch
 
-#: ``meta['kind']`` of code items: generation checked by tests, or output
-#: prediction (the toy world's ``code_output``). Other kinds: generation when
-#: the item carries ``meta['tests']``, output prediction otherwise.
-#: ``printed_number``: output prediction of a program that prints one number,
-#: read like a math answer (marker, ``\boxed``, "answer is", else the last
-#: number), for real chat models that state the value without the marker.
-CODEGEN_KINDS = ("tests", "humaneval")
-OUTPUT_KINDS = ("output", "code_output", "printed_number")
-
-
 def verify_item(item: Item, completion: str) -> bool:
     """Verify ``completion`` for ``item`` with the checker its domain and kind call for."""
     if item.domain == "math":
@@ -350,10 +248,9 @@ def verify_item(item: Item, completion: str) -> bool:
     if item.domain == "mcqa":
         return verify_mcqa(completion, item.answer, item.meta.get("letters") or DEFAULT_LETTERS)
     if item.domain == "code":
-        kind = item.meta.get("kind")
-        if kind == "printed_number":
+        if item.meta.get("kind") == "printed_number":
             return verify_math(completion, item.answer)
-        if kind not in OUTPUT_KINDS and (kind in CODEGEN_KINDS or "tests" in item.meta):
+        if is_codegen(item):
             return verify_code(item, completion)
         return verify_output(completion, item.answer)
     if item.domain == "records":  # toy lookup: a refusal is right on a forbidden request, the value otherwise
