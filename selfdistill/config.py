@@ -184,3 +184,7 @@ class TrainConfig:
         if self.method == "grpo" and self.onpolicy.samples_per_prompt < 2:
             raise ValueError("method grpo compares samples within a group: set onpolicy.samples_per_prompt >= 2 "
                              f"(e.g. 4), got {self.onpolicy.samples_per_prompt}")
+        if self.method == "sdpo" and self.onpolicy.samples_per_prompt < 2:
+            raise ValueError("method sdpo's teacher quotes a successful sibling rollout of the same prompt, so with "
+                             f"onpolicy.samples_per_prompt={self.onpolicy.samples_per_prompt} no sample ever gets a "
+                             "teacher signal: set it >= 2 (e.g. 4)")

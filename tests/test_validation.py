@@ -158,6 +158,8 @@ CASES = [
     ("unknown-flag", lambda t, m: ["--spd.rnak", "3"], "unknown flag --spd.rnak (did you mean --spd.rank?)"),
     ("unknown-flag-no-match", lambda t, m: ["--zzz", "1"], "unknown flag --zzz; see selfdistill train --help"),
     ("flag-without-value", lambda t, m: ["--steps"], "argument --steps: expected one argument"),
+    ("sdpo-with-default-samples", lambda t, m: ["--method", "sdpo"],
+     "no sample ever gets a teacher signal: set it >= 2"),
     ("not-an-int", lambda t, m: ["--steps", "abc"], "steps: cannot read 'abc' as int"),
     ("steps-zero", lambda t, m: ["--steps", "0"], "steps must be >= 1, got 0"),
     ("save-every-negative", lambda t, m: ["--save_every", "-1"], "save_every must be >= 0"),
