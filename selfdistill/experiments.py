@@ -151,7 +151,9 @@ def run_table(tc: TableConfig, log=print) -> Path:
     names = check_rows(tc.rows, rows, f"in preset {tc.preset}")
     common = parse_common(tc.common)
     out = Path(tc.out)
-    checked = preconditions(_row_config("base", {}, 0, out, common).model.path, out, log) if tc.check else ""
+    model = _row_config("base", {}, 0, out, common).model.path
+    check_world(out, model)
+    checked = preconditions(model, out, log) if tc.check else ""
     results: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         for seed in tc.seeds:
@@ -196,14 +198,32 @@ def train_row(cfg: TrainConfig) -> None:
         raise SystemExit(128 + res.stopped_by_signal)
 
 
+def check_world(out: Path, model: str) -> None:
+    """Refuse to add rows to a table folder made on another world or model (its finished rows would be
+    reused as if they were made on this one); stamp a new folder."""
+    from selfdistill.toy.check import world_stamp
+
+    stamp, path = world_stamp(model), out / "world.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != stamp:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in stamp.items() if old.get(k) != v)
+            raise ConfigError(f"{out} holds rows made on another world or model ({diff}); "
+                              "use another --out or delete the folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamp, indent=2) + "\n")
+
+
 def preconditions(model: str, out: Path, log) -> str:
     """The toy world's preconditions on ``model`` (``selfdistill toy check``) as Markdown, run once per folder."""
-    from selfdistill.toy.check import CheckConfig, check, failed
+    from selfdistill.toy.check import CheckConfig, check, failed, world_stamp
 
     out.mkdir(parents=True, exist_ok=True)
+    stamp = json.dumps(world_stamp(model), indent=2)
     for where in (out, out.parent):  # a check of the same model beside the tables (scripts/make_tables.sh) serves
-        md, meta = where / "check.md", where / "check_model.txt"
-        if md.exists() and meta.exists() and meta.read_text() == model:
+        md, meta = where / "check.md", where / "check_model.json"
+        if md.exists() and meta.exists() and meta.read_text() == stamp:
             break
     else:
         rows = check(CheckConfig(model=model, out=str(out)), log=lambda s: None)

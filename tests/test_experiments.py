@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from selfdistill.experiments import TableConfig, run_table
 
 
@@ -56,7 +58,7 @@ def test_preconditions_run_once_per_folder_and_lead_the_table(tmp_path, monkeypa
     def fake(cfg, log=print):
         calls.append(cfg.model)
         (tmp_path / "check.md").write_text("| precondition | value |\n|---|---|\n| x | 1 |\n")
-        (tmp_path / "check_model.txt").write_text(cfg.model)
+        (tmp_path / "check_model.json").write_text(json.dumps(chk.world_stamp(cfg.model), indent=2))
         return [chk.Row("x", 1.0, ">= 0", True)]
 
     monkeypatch.setattr(chk, "check", fake)
@@ -65,6 +67,23 @@ def test_preconditions_run_once_per_folder_and_lead_the_table(tmp_path, monkeypa
     assert a == b and a.startswith("**Preconditions** (`selfdistill toy check --model toy`)") and calls == ["toy"]
     preconditions("other", tmp_path, lambda s: None)
     assert calls == ["toy", "other"]
+
+
+def test_a_table_folder_made_on_another_model_is_refused(tiny_model_dir, tmp_path):
+    """Finished rows are reused by folder name: a retrained model (same path, new weights) must not inherit them."""
+    import shutil
+
+    from selfdistill.config_io import ConfigError
+    from selfdistill.experiments import check_world
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    check_world(tmp_path / "t", str(model))
+    check_world(tmp_path / "t", str(model))  # same weights: fine
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(ConfigError, match="another world or model"):
+        check_world(tmp_path / "t", str(model))
 
 
 def test_paired_bootstrap_by_hand():

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -60,6 +60,26 @@ class CheckConfig:
         "help": "Folder of `selfdistill opcod make-peers` (OUT/math/model, OUT/code/model); empty = skip the row."})
     out: str = field(default="", metadata={"help": "Also write check.json and check.md to this folder."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
+
+
+def world_stamp(model: str) -> dict[str, Any]:
+    """What a table's rows depend on beyond their settings: the toy world's version and the model's weights
+    (a digest of its weight files, so a retrained shipped model is not mistaken for the old one)."""
+    import hashlib
+
+    from selfdistill.models import resolve_model_path
+    from selfdistill.toy.tasks import WORLD_VERSION
+
+    stamp: dict[str, Any] = {"world_version": WORLD_VERSION, "model": model}
+    folder = Path(resolve_model_path(model))
+    if folder.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        stamp["weights_sha256"] = h.hexdigest()
+    return stamp
 
 
 @dataclass
@@ -233,7 +253,7 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "check.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
         (out / "check.md").write_text(table + "\n")
-        (out / "check_model.txt").write_text(cfg.model)
+        (out / "check_model.json").write_text(json.dumps(world_stamp(cfg.model), indent=2))
     return rows
 
 
