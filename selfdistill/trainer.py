@@ -316,6 +316,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signal
             lock.release()
 
 
+#: After this many steps in a row with no loss token, the run log says so (once per stretch).
+NO_SIGNAL_NOTICE = 3
+
+
 def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[str], None], signals: _Signals,
          ckpt: Path | None, t_start: float) -> RunResult:
     """Steps 2-5 in the run's (locked) folder: from ``ckpt``, or from step 0 when it is None."""
@@ -367,6 +371,7 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                dynamic_ncols=True)
     signals.phase, signals.defer = "a training step (second signal)", True
     with bar:  # closed however the loop ends, so an error prints on its own line
+        empty_in_row = 0
         for step in range(start_step, cfg.steps):
             torch.manual_seed(_step_seed(cfg, step, rank))
             # 1. rollout + targets / teacher views (the method decides).
@@ -377,6 +382,11 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
             model.train()
             micro = batch.split(cfg.micro_batch_size)
             num_tokens = global_token_count([method.token_mask(m) for m in micro], accelerator)
+            empty_in_row = empty_in_row + 1 if num_tokens == 0 else 0
+            if empty_in_row == NO_SIGNAL_NOTICE:
+                say(f"note: steps {step + 2 - empty_in_row}-{step + 1} carried no training signal (no token has a "
+                    f"target or a teacher: e.g. {method.name} found nothing to learn from in its batch); the "
+                    "model is not changing; check the method's settings or the data")
             t1 = time.perf_counter()
             total, infos = 0.0, []
             for m in micro:

@@ -119,3 +119,19 @@ def test_onpolicy_methods_train(tiny_model_dir, tmp_path, method, extra):
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
     if method != "sdpo":  # sdpo on a random model may find no successful peer: zero signal is valid
         assert all(r["loss"] != 0 for r in rows)
+
+
+def test_steps_without_signal_are_reported(tiny_model_dir, tmp_path):
+    """Issue 15, item 4: SDPO on a random model finds no successful sibling, so its steps train on no
+    token; after NO_SIGNAL_NOTICE such steps in a row the run log says so instead of carrying on silently."""
+    from selfdistill.trainer import NO_SIGNAL_NOTICE
+
+    out = tmp_path / "sdpo"
+    lines: list[str] = []
+    cfg = tiny_cfg(tiny_model_dir, out, method="sdpo", steps=NO_SIGNAL_NOTICE, eval_before=False, eval_after=False,
+                   **{"onpolicy.samples_per_prompt": 2, "data.tasks": "toy-math", "distill.topk": 5})
+    train(cfg, log=lines.append)
+    tokens = [json.loads(l)["tokens"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    noticed = any("carried no training signal" in l for l in lines)
+    assert noticed == all(t == 0 for t in tokens)
+    assert noticed  # a random model's 12-token rollouts do not solve toy math
