@@ -32,7 +32,8 @@ def plot_training(run_dir: str | Path, out_name: str = "training_curves.png") ->
     axes[0].set(title="training loss", xlabel="step")
     axes[0].legend()
     axes[1].plot(steps, [r["grad_norm"] for r in rows])
-    axes[1].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
+    positive = any(r["grad_norm"] > 0 for r in rows)  # all zero (steps without signal): a log axis has nothing
+    axes[1].set(title="gradient norm (before clipping)", xlabel="step", yscale="log" if positive else "linear")
     series: dict[str, list[tuple[int, float]]] = {}
     for e in evals:
         for r in e["results"]:
