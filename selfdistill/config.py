@@ -79,7 +79,8 @@ class DataConfig:
     """Where training and evaluation items come from."""
 
     tasks: list[str] = field(default_factory=lambda: ["toy-math", "toy-code", "toy-mcqa"], metadata={
-        "help": "Task specs: toy-math|toy-code|toy-mcqa, jsonl:PATH[:domain], hf:NAME[:config]."})
+        "help": "Task specs: toy-math|toy-code|toy-mcqa, nl-math|nl-code|nl-mcqa, humaneval, jsonl:PATH[:domain], "
+                "hf:NAME[:config], hf:FORMAT@FILE."})
     seed: int = field(default=0, metadata={"help": "Seed of the toy world's items."})
     train_size: int = field(default=4000, metadata={"help": "Toy train items per domain."})
     test_size: int = field(default=100, metadata={"help": "Toy test items per split and domain."})
