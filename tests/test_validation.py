@@ -24,6 +24,13 @@ from selfdistill.trainer import prepare_run, train
 import tinyrun  # tests/tinyrun.py
 
 
+def _toy_vocab_size() -> int:
+    """The toy tokenizer's size (it changes when the toy world's words do)."""
+    from selfdistill.toy.tokenizer import build_toy_tokenizer
+
+    return len(build_toy_tokenizer())
+
+
 def _jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
@@ -252,7 +259,8 @@ CASES = [
                                                                     .write_bytes(b""))],
      "edited: model.safetensors is 0 bytes: empty or truncated"),
     ("config-shapes-differ-from-weights", lambda t, m: ["--model.path", _edited_model(t, m, _widen_config)],
-     "edited: weight model.embed_tokens.weight has shape [460, 32] but config.json builds [460, 64]"),
+     f"edited: weight model.embed_tokens.weight has shape [{_toy_vocab_size()}, 32] but config.json builds "
+     f"[{_toy_vocab_size()}, 64]"),
     ("no-tokenizer-files", lambda t, m: ["--model.path", _edited_model(t, m, _drop_tokenizer)],
      "edited: no working tokenizer there"),
     ("tokenizer-without-pad-or-eos", lambda t, m: ["--model.path", _edited_model(t, m, _no_pad_no_eos)],
