@@ -1,6 +1,7 @@
 """Can the toy architecture learn to copy at all? Pretrain it on random-string copies only.
 
-Usage: python scripts/toy_copy_pilot.py STEPS [OUT]  (default OUT /tmp/toy-copy-pilot)
+Usage: python scripts/toy_copy_pilot.py STEPS [OUT] [FIELD=VALUE ...]  (default OUT /tmp/toy-copy-pilot;
+FIELD=VALUE overrides a ``PretrainConfig`` field, e.g. ``lr=0.004 heads=8``)
 
 A diagnostic for docs/toy_world.md: the shipped model does not copy text shown in its prompt
 (scripts/toy_copy_probe.py). Here the same model and optimizer (``selfdistill toy pretrain``'s, with
@@ -30,8 +31,11 @@ def copy_only(seed: int, index: int):
 
 if __name__ == "__main__":
     steps = int(sys.argv[1])
-    out = sys.argv[2] if len(sys.argv) > 2 else "/tmp/toy-copy-pilot"
+    out = sys.argv[2] if len(sys.argv) > 2 and "=" not in sys.argv[2] else "/tmp/toy-copy-pilot"
+    over = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
     pretrain_mod.example = copy_only
     cfg = pretrain_mod.PretrainConfig(steps=steps, warmup=30, save_every=0, checkpoint_every=100_000,
                                       tokens_per_step=4096)
+    for k, v in over.items():
+        setattr(cfg, k, type(getattr(cfg, k))(v))
     pretrain_mod.pretrain(out, cfg)
