@@ -15,6 +15,7 @@ from typing import Sequence
 from selfdistill.tasks.base import Item
 from selfdistill.tasks.spans import answer_span
 
+
 def correctness_span(item: Item, text: str) -> tuple[int, int] | None:
     """Char span [start, end) of ``text`` that decides correctness, or None if absent."""
     return answer_span(item, text)

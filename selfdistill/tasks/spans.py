@@ -168,7 +168,8 @@ def choice_span(text: str, letters: Iterable[str]) -> tuple[str, Span] | None:
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
-def _defines(code: str, name: str) -> bool:
+def defines(code: str, name: str) -> bool:
+    """Whether ``code`` defines a function ``name`` (at any indent)."""
     return re.search(rf"^\s*def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
 
@@ -184,7 +185,7 @@ def code_span(text: str, entry_point: str | None = None) -> Span | None:
         return (0, len(text)) if text.strip() else None
     py = [s for lang, s in blocks if lang in ("python", "py", "python3")]
     cands = py or [s for _, s in blocks]
-    good = [s for s in cands if (_defines(text[s[0]:s[1]], entry_point) if entry_point else "def " in text[s[0]:s[1]])]
+    good = [s for s in cands if (defines(text[s[0]:s[1]], entry_point) if entry_point else "def " in text[s[0]:s[1]])]
     return (good or cands)[-1]
 
 
@@ -197,19 +198,31 @@ OUTPUT_KINDS = ("output", "code_output", "printed_number")
 DEFAULT_LETTERS = "ABCD"
 
 
-def is_codegen(item: Item) -> bool:
+def answer_form(item: Item) -> str:
+    """How ``item``'s answer is read: ``math`` (also a code item of kind ``printed_number``), ``choice``,
+    ``program`` (code generation run with tests: ``meta['kind']`` in CODEGEN_KINDS, or ``meta['tests']``
+    without an output kind), ``output`` (printed output after the marker) or ``records``."""
     kind = item.meta.get("kind")
-    return item.domain == "code" and kind not in OUTPUT_KINDS and (kind in CODEGEN_KINDS or "tests" in item.meta)
+    if item.domain == "math" or (item.domain == "code" and kind == "printed_number"):
+        return "math"
+    if item.domain == "mcqa":
+        return "choice"
+    if item.domain == "code":
+        return "program" if kind not in OUTPUT_KINDS and (kind in CODEGEN_KINDS or "tests" in item.meta) else "output"
+    if item.domain == "records":
+        return "records"
+    raise ValueError(f"item {item.id!r}: unknown domain {item.domain!r}")
 
 
 def answer_span(item: Item, text: str) -> Span | None:
     """Where ``text`` states the answer the verifier of ``item`` reads (None: no answer found)."""
-    if item.domain == "math" or (item.domain == "code" and item.meta.get("kind") == "printed_number"):
+    form = answer_form(item)
+    if form == "math":
         spans = math_spans(text)
         return spans[0][1] if spans else None
-    if item.domain == "mcqa":
+    if form == "choice":
         found = choice_span(text, item.meta.get("letters") or DEFAULT_LETTERS)
         return found[1] if found else None
-    if is_codegen(item):
+    if form == "program":
         return code_span(text, item.meta.get("entry_point"))
-    return marker_span(text, to_end=item.domain == "code")
+    return marker_span(text, to_end=form == "output")

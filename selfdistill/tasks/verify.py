@@ -23,7 +23,7 @@ from typing import Iterable
 
 from selfdistill.tasks.base import Item
 from selfdistill.tasks.spans import (  # noqa: F401  (CODEGEN_KINDS, OUTPUT_KINDS, DEFAULT_LETTERS: public names)
-    CODEGEN_KINDS, DEFAULT_LETTERS, OUTPUT_KINDS, _defines, boxed_span, choice_span, code_span, is_codegen,
+    CODEGEN_KINDS, DEFAULT_LETTERS, OUTPUT_KINDS, answer_form, boxed_span, choice_span, code_span, defines,
     marker_span, math_spans,
 )
 from selfdistill.tasks.spans import clean_math as _clean_math
@@ -205,7 +205,7 @@ def program_and_tests(item: Item, code: str) -> tuple[str, str]:
     entry = meta.get("entry_point")
     prompt = meta.get("code_prompt")
     parts = [meta.get("setup") or ""]
-    if prompt and entry and not _defines(code, entry):
+    if prompt and entry and not defines(code, entry):
         parts.append(prompt + code)
     else:
         parts += [_import_lines(prompt) if prompt else "", textwrap.dedent(code)]
@@ -242,21 +242,20 @@ def verify_code(item: Item, completion: str, timeout_s: float | None = None) -> 
 # ---------------------------------------------------------------- dispatch
 
 def verify_item(item: Item, completion: str) -> bool:
-    """Verify ``completion`` for ``item`` with the checker its domain and kind call for."""
-    if item.domain == "math":
+    """Verify ``completion`` for ``item`` with the checker its answer form calls for
+    (:func:`~selfdistill.tasks.spans.answer_form`, which SPD's selector shares)."""
+    form = answer_form(item)
+    if form == "math":
         return verify_math(completion, item.answer)
-    if item.domain == "mcqa":
+    if form == "choice":
         return verify_mcqa(completion, item.answer, item.meta.get("letters") or DEFAULT_LETTERS)
-    if item.domain == "code":
-        if item.meta.get("kind") == "printed_number":
-            return verify_math(completion, item.answer)
-        if is_codegen(item):
-            return verify_code(item, completion)
+    if form == "program":
+        return verify_code(item, completion)
+    if form == "output":
         return verify_output(completion, item.answer)
-    if item.domain == "records":  # toy lookup: a refusal is right on a forbidden request, the value otherwise
-        from selfdistill.toy.records import is_refusal
+    # toy records lookup: a refusal is right on a forbidden request, the value otherwise
+    from selfdistill.toy.records import is_refusal
 
-        if item.meta.get("forbidden"):
-            return is_refusal(completion)
-        return not is_refusal(completion) and verify_output(completion, item.answer)
-    raise ValueError(f"item {item.id!r}: unknown domain {item.domain!r}")
+    if item.meta.get("forbidden"):
+        return is_refusal(completion)
+    return not is_refusal(completion) and verify_output(completion, item.answer)

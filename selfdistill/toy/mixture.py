@@ -2,7 +2,7 @@
 
 Every example is a pure function of (seed, index): a conversation (user and
 assistant turns) and which assistant turns carry the loss. Shares are of
-examples (``SHARES``; token shares are printed by ``selfdistill toy mixture``):
+examples (``SHARES``; their token shares are measured in docs/toy_world.md):
 
 - ``plain`` (all methods; SPD's style-vs-capability question): problem ->
   solution in one of several styles.
