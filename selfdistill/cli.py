@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-#: Commands in help order, with their one-line help. The last four live in their method's package
+#: Commands in help order, with their one-line help. The last five live in their method's package
 #: (``add_commands(sub)`` / ``run(ns)`` in ``_PACKAGE_COMMANDS``), which is imported only when used.
 _COMMANDS = {
     "train": "Train with a method (default: SPD on the toy world).",
@@ -51,9 +51,11 @@ _COMMANDS = {
     "opcod": "OPCoD tools: make the two peer models, the co-distillation table.",
     "sgsd": "SGSD tools: build and show the skill bank.",
     "critique": "Step-aligned critique tools: the per-token advantage analysis.",
+    "analyze": "What a run changed in the weights: report, mask overlap, masks for sparse retraining.",
 }
 _PACKAGE_COMMANDS = {"ccopd": "selfdistill.ccopd.cli", "opcod": "selfdistill.opcod.cli",
-                     "sgsd": "selfdistill.sgsd.cli", "critique": "selfdistill.critique.cli"}
+                     "sgsd": "selfdistill.sgsd.cli", "critique": "selfdistill.critique.cli",
+                     "analyze": "selfdistill.analysis.cli"}
 
 
 def _version() -> str:

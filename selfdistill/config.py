@@ -101,6 +101,9 @@ class OptimConfig:
     schedule: Literal["cosine", "constant", "linear"] = field(default="cosine", metadata={"help": "Decay after warm-up."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max global grad norm (0 = off)."})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+    mask: str = field(default="", metadata={
+        "help": "Train only the coordinates of this mask file (from `selfdistill analyze mask`); parameters it "
+                "does not name are frozen. Empty = train everything."})
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):

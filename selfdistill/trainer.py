@@ -50,6 +50,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, to_dict
 from selfdistill.errors import RunInterrupted, TrainingStopped
 from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to_json
+from selfdistill.masking import ParamMask
 from selfdistill.methods.base import Context, get_method
 from selfdistill.models import load_model, unwrap
 from selfdistill.objectives import global_token_count
@@ -277,11 +278,14 @@ def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signal
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device=accelerator.device)
+    pmask = ParamMask(model, cfg.optim.mask, cfg.optim.weight_decay) if cfg.optim.mask else None
     # Until the run's folder exists, lines are shown and kept (HeldLog): a pre-check that fails leaves nothing.
     say = HeldLog(log, is_main=accelerator.is_main_process)
     say(f"method {cfg.method}: {method_cls.summary} [{method_cls.paper}]")
     say(f"model {cfg.model.path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{world} process(es) on {accelerator.device}")
+    if pmask is not None:
+        say(pmask.summary())
 
     from selfdistill.rundir import resume_differences, resume_dir
 
@@ -304,7 +308,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signal
         if cfg.resume and ckpt is None:  # killed before its first checkpoint: the run starts again, here
             cfg = replace(cfg, resume=False)
             say(f"no checkpoint in {Path(cfg.output_dir) / 'checkpoints'} yet: starting the run again from step 0")
-        return _run(cfg, ctx, method, runlog, say, signals, ckpt, t_start)
+        return _run(cfg, ctx, method, runlog, say, signals, ckpt, t_start, pmask)
     except RunInterrupted as e:
         say(f"stopped by signal {e.signum} during {e.phase}; the run is resumable: continue with --resume true")
         accelerator.wait_for_everyone()
@@ -321,7 +325,7 @@ NO_SIGNAL_NOTICE = 3
 
 
 def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[str], None], signals: _Signals,
-         ckpt: Path | None, t_start: float) -> RunResult:
+         ckpt: Path | None, t_start: float, pmask: ParamMask | None = None) -> RunResult:
     """Steps 2-5 in the run's (locked) folder: from ``ckpt``, or from step 0 when it is None."""
     model, tok, tasks, accelerator, system = ctx.model, ctx.tokenizer, ctx.tasks, ctx.accelerator, ctx.system
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -397,12 +401,16 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                 infos.append(info)
             t_fwd_bwd = time.perf_counter() - t1
             total = _sum_processes(total, accelerator)  # the global loss (same on every process)
-            # 3. gradients: average over processes, check, clip, step.
+            # 3. gradients: average over processes, mask (--optim.mask), check, clip, step.
             _all_reduce_grads(params, accelerator)
+            if pmask is not None:
+                pmask.grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
             finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
             if finite:
                 opt.step()
+                if pmask is not None:
+                    pmask.after_step()
                 bad_in_row = 0
                 if not _all_finite(params):  # e.g. a huge lr: finite loss and gradient, infinite update
                     raise TrainingStopped(

@@ -258,6 +258,13 @@ def check_environment(cfg: TrainConfig) -> None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU and there is none here; use --mixed_precision "
                           "bf16 or no")
+    if cfg.optim.mask:
+        from selfdistill.analysis.masks import load
+
+        load(cfg.optim.mask)  # a missing or malformed file fails here, before anything is loaded
+        if cfg.model.lora.enabled:
+            raise ConfigError("optim.mask restricts the base model's weights, and LoRA trains an adapter instead; "
+                              "drop --model.lora.enabled or --optim.mask")
     if cfg.rollout.backend == "vllm":
         from selfdistill import vllm_backend
 
