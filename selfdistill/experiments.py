@@ -59,6 +59,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "critique-reference": {"method": "critique", "critique.feedback": "reference"},
         "critique-step": {"method": "critique", "critique.feedback": "step"},
     },
+    # What OPD changes in the weights (docs/methods/opd_analysis.md; scripts/opd_analysis_table.sh): OPSD
+    # against GRPO and SFT at equal steps, then OPSD retrained on coordinate masks ({out} and {seed} are
+    # this table's folder and the row's seed; the masks come from `selfdistill analyze mask`).
+    "opd-analysis": {
+        "base": {},
+        "sft": {"method": "sft"},
+        "opsd": {"method": "opsd"},
+        "grpo": {"method": "grpo", "batch_size": 8, "onpolicy.samples_per_prompt": 4},
+        "opsd-ownmask": {"method": "opsd", "optim.mask": "{out}/masks/opsd-s{seed}.safetensors"},
+        "opsd-randmask": {"method": "opsd", "optim.mask": "{out}/masks/opsd-s{seed}-random.safetensors"},
+        "opsd-grpomask": {"method": "opsd", "optim.mask": "{out}/masks/grpo-s{seed}.safetensors"},
+    },
 }
 
 
@@ -66,6 +78,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 BASELINES: dict[str, dict[str, str]] = {
     "spd": {"spd": "ssd", "spd-random": "spd", "spd-alltokens": "spd", "spd-beta0": "spd", "spd-beta0.8": "spd",
             "spd-beta0.9": "spd", "spd-rank2": "spd", "spd-rank32": "spd"},
+    "opd-analysis": {"opsd-ownmask": "opsd", "opsd-randmask": "opsd-ownmask", "opsd-grpomask": "opsd-ownmask"},
 }
 
 
@@ -127,6 +140,8 @@ def run_config(overrides: dict[str, Any], seed: int, output_dir: Path, **top: An
 
 
 def _row_config(name: str, overrides: dict[str, Any], seed: int, out: Path, common: dict[str, Any]) -> TrainConfig:
+    # String settings may name the table's folder and the row's seed (e.g. a per-seed mask file).
+    overrides = {k: v.format(out=out, seed=seed) if isinstance(v, str) else v for k, v in overrides.items()}
     return run_config({**common, **overrides}, seed, out / "runs" / f"{name}-s{seed}",
                       **({"steps": 1} if name == "base" else {}))
 
