@@ -265,3 +265,19 @@ def test_mask_errors_are_one_line(tiny_model_dir, tmp_path):
         train(_mask_cfg(tiny_model_dir, tmp_path / "d", str(tmp_path / "s.safetensors"),
                         **{"model.lora.enabled": True}), log=lambda s: None)
     assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_summary_tables_read_the_script_layout(before_after, tmp_path):
+    from selfdistill.analysis.summary import analysis_table, overlap_table
+
+    before, after, _ = before_after
+    for s in (0, 1):
+        write(analyze(before, after, progress=False), tmp_path / "analysis" / f"opsd-s{s}", plots=False)
+        write(analyze(before, after, "bf16", progress=False), tmp_path / "analysis" / f"opsd-s{s}-bf16", plots=False)
+    assert main(["analyze", "compare", after, after, "--base", before,
+                 "--out", str(tmp_path / "analysis" / "compare-opsd-grpo-s0.json")]) == 0
+    md = analysis_table(tmp_path, ["opsd", "grpo"], [0, 1])
+    lines = md.splitlines()
+    assert lines[2].startswith("| opsd | 2 | ") and "100.0% ± 0.0" in lines[2]  # energy: MLP
+    assert lines[3].startswith("| grpo | 0 | -")
+    assert "| opsd vs grpo | 1 | " in overlap_table(tmp_path, [("opsd", "grpo")], [0, 1])
