@@ -117,8 +117,8 @@ def subspace_ks(shape: tuple[int, ...]) -> list[int]:
 
 
 def subspace(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-    """How much of Delta lies in W_before's top singular subspaces, how those subspaces turn, and how the
-    singular values drift."""
+    """How much of Delta lies in W_before's top singular subspaces (with what a random direction would put
+    there), how those subspaces turn, and how the singular values drift."""
     wb, wa = before.detach().double(), after.detach().double()
     d = wa - wb
     energy = float(d.pow(2).sum())
@@ -129,6 +129,9 @@ def subspace(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
     row: dict[str, float] = {}
     for share, k in zip(SUBSPACE_SHARES, ks):
         tag = f"{_pct(share)}pct"
+        # What a delta of random direction would put there: k/rows of its energy on the left, k/cols on
+        # the right, (k/rows)(k/cols) in both.
+        row[f"in_both_{tag}_random"] = k * k / (d.shape[0] * d.shape[1])
         uk, vk = ub[:, :k], vb[:, :k]
         left = uk.T @ d  # k x cols
         if energy > 0:
