@@ -96,6 +96,7 @@ def test_near_zero_enrichment_when_the_update_hits_the_smallest_weights():
     assert r["atol_0_low_overlap"] == 1.0 and r["atol_0_low_coverage"] == 1.0
     assert r["atol_0_low_enrichment"] == pytest.approx(10.0)
     assert r["atol_1e-05_density"] == pytest.approx(0.1)
+    assert r["top_5pct_density"] == pytest.approx(0.05) and r["top_5pct_low_enrichment"] == pytest.approx(10.0)
     assert M.overlap(torch.ones(4, dtype=torch.bool), torch.tensor([1, 0, 0, 0]).bool())["enrichment"] == 1.0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from selfdistill.analysis.metrics import update_mask
+from selfdistill.analysis.metrics import top_mask, update_mask
 from selfdistill.analysis.weights import Weights, paired
 from selfdistill.config_io import ConfigError
 
@@ -26,10 +26,7 @@ def delta_masks(before: str, after: str, atol: float = 0.0, top: float = 0.0,
     for name, b, a in paired(Weights(before), Weights(after), dtype):
         d = (a - b).abs()
         if top > 0:
-            k = max(1, int(round(top * d.numel())))
-            m = torch.zeros(d.numel(), dtype=torch.bool)
-            m[torch.topk(d.flatten(), k).indices] = True
-            out[name] = m.view(d.shape)
+            out[name] = top_mask(d, top)
         else:
             out[name] = update_mask(d, atol)
     return out

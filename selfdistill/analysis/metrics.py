@@ -33,6 +33,9 @@ RANDOMIZED_RANK = 256
 LOW_FRACTION = 0.10
 PRINCIPAL_RANK_SHARE = 0.10
 MASK_ATOLS = (0.0, 1e-5)
+#: Also the mask of the largest |Delta| coordinates (this share): an fp32 AdamW update touches nearly every
+#: coordinate, so its atol masks are nearly all ones and say nothing about where the update is large.
+MASK_TOP = 0.05
 
 
 def _pct(x: float) -> str:
@@ -152,6 +155,11 @@ def update_mask(delta: torch.Tensor, atol: float) -> torch.Tensor:
     return delta.detach().abs() > atol
 
 
+def top_mask(delta: torch.Tensor, share: float) -> torch.Tensor:
+    """The ``share`` of coordinates with the largest |Delta| (at least one; ties broken by position)."""
+    return _lowest(-delta.detach().abs().double(), share)
+
+
 def _lowest(x: torch.Tensor, share: float) -> torch.Tensor:
     """Boolean mask of the ``share`` of coordinates with the smallest ``x`` (ties broken by position)."""
     flat = x.flatten()
@@ -190,9 +198,9 @@ def near_zero(delta: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
     low = low_weight_set(before)
     prin = principal_set(before) if before.dim() == 2 else None
     row: dict[str, float] = {}
-    for atol in MASK_ATOLS:
-        m = update_mask(delta, atol)
-        tag = f"atol_{atol:g}"
+    masks = [(f"atol_{atol:g}", update_mask(delta, atol)) for atol in MASK_ATOLS]
+    masks.append((f"top_{_pct(MASK_TOP)}pct", top_mask(delta, MASK_TOP)))
+    for tag, m in masks:
         for k, v in overlap(m, low).items():
             row[f"{tag}_{'density' if k == 'density' else 'low_' + k}"] = v
         if prin is not None:

@@ -102,7 +102,7 @@ _COLUMNS = [  # (header, group key, format)
     ("<1e-3 rms", "below_0.001_rms_n", "{:.1%}"), ("<1e-2 rms", "below_0.01_rms_n", "{:.1%}"),
     ("top1% energy", "energy_top_1pct_n", "{:.1%}"), ("rel fro", "rel_fro_e", "{:.2e}"),
     ("stable rank", "stable_rank_e", "{:.1f}"), ("eff. rank / dim", "_eff_rank_share", "{:.2f}"),
-    ("in W top-5%", "in_both_5pct_e", "{:.1%}"), ("if random", "in_both_5pct_random_e", "{:.2%}"), ("low-W enrich.", "atol_1e-05_low_enrichment_e", "{:.2f}"),
+    ("in W top-5%", "in_both_5pct_e", "{:.1%}"), ("if random", "in_both_5pct_random_e", "{:.2%}"), ("low-W enrich.", "top_5pct_low_enrichment_n", "{:.2f}"),
 ]
 
 
@@ -133,8 +133,8 @@ def markdown(res: dict[str, Any]) -> str:
              "Columns: shares of elements (element-weighted) for the sparsity columns; energy-weighted means "
              "over matrices for the rest (relative Frobenius norm, stable rank ||D||_F^2/sigma_1^2, effective "
              "rank exp(H(sigma/sum sigma)) over the smaller dimension, share of ||D||^2 inside W_before's top-5% "
-             "singular subspaces (both sides) and what a delta of random direction would put there, enrichment of the |D| > 1e-5 mask on the lowest-10% |W| "
-             "coordinates, 1 = as a random mask).", "",
+             "singular subspaces (both sides) and what a delta of random direction would put there, enrichment of the top-5% |D| mask on the lowest-10% |W| "
+             "coordinates (element-weighted; 1 = as a random mask).", "",
              "## Whole model", "", table(res["groups"]["all"], "model"), "",
              "## By block", "", table(res["groups"]["block"], "block"), "",
              "## By module type", "", table(res["groups"]["module"], "module"), "",

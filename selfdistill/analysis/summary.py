@@ -26,7 +26,9 @@ COLUMNS: list[tuple[str, Callable[[dict, dict], float], str]] = [
      / a["groups"]["all"]["all"]["min_dim_e"], "{:.2f}"),
     ("in W's top-5% subspaces", lambda a, b: a["groups"]["all"]["all"]["in_both_5pct_e"], "{:.1%}"),
     ("if random", lambda a, b: a["groups"]["all"]["all"]["in_both_5pct_random_e"], "{:.2%}"),
-    ("low-W enrich. fp32 (>1e-5)", lambda a, b: a["groups"]["all"]["all"]["atol_1e-05_low_enrichment_n"], "{:.2f}"),
+    ("low-W enrich. fp32 (top 5%)", lambda a, b: a["groups"]["all"]["all"]["top_5pct_low_enrichment_n"], "{:.2f}"),
+    ("principal enrich. fp32 (top 5%)", lambda a, b: a["groups"]["all"]["all"]["top_5pct_principal_enrichment_n"],
+     "{:.2f}"),
     ("low-W enrich. bf16 (!=0)", lambda a, b: b["groups"]["all"]["all"]["atol_0_low_enrichment_n"], "{:.2f}"),
 ]
 

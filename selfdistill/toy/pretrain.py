@@ -49,6 +49,9 @@ class PretrainConfig:
     heads: int = field(default=4, metadata={"help": "Attention heads (head_dim = hidden / heads)."})
     kv_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
     intermediate: int = field(default=768, metadata={"help": "MLP width."})
+    qk_norm_init: float = field(default=1.0, metadata={
+        "help": "Starting gain of the per-head q/k norms (1 = transformers' init). With unit gains an "
+                "attention logit is at most sqrt(head_dim), too flat to pick one position out of hundreds."})
     max_length: int = field(default=1024, metadata={"help": "Context length; longer examples are dropped."})
     threads: int = field(default=2, metadata={"help": "torch CPU threads (fixed, so results do not depend on the machine)."})
     save_every: int = field(default=200, metadata={"help": "Also save step-N snapshots every N steps (0 = off)."})
@@ -138,6 +141,11 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, log=print) -> Path:
         tok = build_toy_tokenizer()
         tok.save_pretrained(tok_dir)
     model = Qwen3ForCausalLM(toy_model_config(len(tok), cfg, tok.pad_token_id, tok.eos_token_id))
+    if cfg.qk_norm_init != 1.0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.fill_(cfg.qk_norm_init)
+                layer.self_attn.k_norm.weight.fill_(cfg.qk_norm_init)
     log(f"toy model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tok)}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
