@@ -17,13 +17,6 @@ import torch
 from selfdistill.config_io import ConfigError
 
 
-def _canonical(name: str) -> str:
-    for pre in ("base_model.model.", "module."):
-        if name.startswith(pre):
-            name = name[len(pre):]
-    return name
-
-
 def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
@@ -33,6 +26,7 @@ class ParamMask:
 
     def __init__(self, model: torch.nn.Module, path: str, weight_decay: float) -> None:
         from selfdistill.analysis.masks import load
+        from selfdistill.analysis.weights import canonical_name as _canonical
 
         raw = {_canonical(k): v for k, v in load(path).items()}
         self.path = path

@@ -149,7 +149,17 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
+
+    def finish(fig, ax, xlabel: str, ylabel: str, name: str, legend_size: int = 8) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
     rows = res["params"]
     layers = sorted({r["layer"] for r in rows})
     blocks = sorted({r["block"] for r in rows})
@@ -160,26 +170,14 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
         vals = [sum(r["energy"] for r in rows if r["layer"] == lay and r["block"] == b) / total for lay in layers]
         ax.bar([str(x) for x in layers], vals, bottom=bottom, label=b)
         bottom = [x + y for x, y in zip(bottom, vals)]
-    ax.set_xlabel("layer (-1 = outside the blocks)")
-    ax.set_ylabel("share of ||Delta||^2")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "energy_by_layer.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "layer (-1 = outside the blocks)", "share of ||Delta||^2", "energy_by_layer.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     g = res["groups"]["block"]
     for b, gb in g.items():
         ax.plot(M.ABS_THRESHOLDS, [gb[f"below_{t:g}_n"] for t in M.ABS_THRESHOLDS], marker="o", label=b)
     ax.set_xscale("log")
-    ax.set_xlabel("|Delta| threshold")
-    ax.set_ylabel("share of coordinates below")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "sparsity_vs_threshold.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "|Delta| threshold", "share of coordinates below", "sparsity_vs_threshold.png")
 
     top = sorted((r for r in rows if r["name"] in res["spectra"]), key=lambda r: -r["energy"])[:6]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -188,14 +186,8 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
         if float(s[0]) > 0:
             ax.plot(range(1, len(s) + 1), (s / s[0]).tolist(), label=r["name"].replace("model.", ""))
     ax.set_yscale("log")
-    ax.set_xlabel("index")
-    ax.set_ylabel("sigma_i / sigma_1")
     ax.set_title("the 6 largest updates", fontsize=9)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "spectra.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "index", "sigma_i / sigma_1", "spectra.png", legend_size=6)
     return paths
 
 

@@ -119,7 +119,7 @@ class Weights:
             return h.get_tensor(name).float()
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """A name without the prefixes PEFT and wrappers add (``base_model.model.``), so folders line up."""
     for pre in ("base_model.model.", "module."):
         if name.startswith(pre):
@@ -130,8 +130,8 @@ def _canonical(name: str) -> str:
 def paired(before: Weights, after: Weights, dtype: str = "fp32") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, W_before, W_after) for every parameter in both, in ``dtype`` (``bf16`` rounds both to bfloat16
     first, as a bf16 training run stores them, then compares in float32); refuses mismatched shapes."""
-    b_names = {_canonical(n): n for n in before.names()}
-    a_names = {_canonical(n): n for n in after.names()}
+    b_names = {canonical_name(n): n for n in before.names()}
+    a_names = {canonical_name(n): n for n in after.names()}
     common = [n for n in b_names if n in a_names]
     if not common:
         raise ConfigError(f"{before.path} and {after.path} share no parameter names: not the same architecture")
