@@ -79,6 +79,9 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from selfdistill.models import quiet_transformers
+
+    quiet_transformers()  # one line of our own at the end, no third-party bars
     # transformers 5 loads GGUF as a "quantization"; ask for plain dense weights, then drop the
     # quantizer (which refuses to save) so the model saves like any other.
     dense = hasattr(transformers, "GgufConfig")
