@@ -15,6 +15,14 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the prompt helper
     import torch
 
 
+def fill_template(template: str, setting: str, **kw: object) -> str:
+    """``template`` with its ``{placeholders}`` filled from ``kw``; an unknown one is an error naming ``setting``."""
+    try:
+        return template.format(**kw)
+    except KeyError as e:
+        raise ValueError(f"{setting} has unknown placeholder {e}; known: {', '.join(kw)}") from None
+
+
 def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
     """``user`` rendered through the tokenizer's chat template, ready to generate.
 

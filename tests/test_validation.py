@@ -458,3 +458,11 @@ def test_eval_command_names_a_missing_split(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert f"data.tasks 'jsonl:{data}': task 'd' has no split 'test_id' (splits: train)" in err
+
+
+def test_fill_template_names_the_setting_of_an_unknown_placeholder():
+    from selfdistill.sequences import fill_template
+
+    assert fill_template("{problem} / {solution}", "opsd.template", problem="p", solution="s") == "p / s"
+    with pytest.raises(ValueError, match=r"sgsd\.template has unknown placeholder 'skill'; known: problem, guidance"):
+        fill_template("{skill}", "sgsd.template", problem="p", guidance="g")

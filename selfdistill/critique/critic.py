@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from selfdistill.sequences import fill_template
 from selfdistill.tasks.base import ANSWER_MARKER, Item
 from selfdistill.toy.steps import CODE_STEP_RE, apply, expected_steps, format_step, is_text_line, parse_step
 from selfdistill.toy.templates import CRITIQUE_MARK, MISSING_MARK  # one format: the toy pretraining reads it too
@@ -139,12 +140,6 @@ def exact_critique(item: Item, completion: str, chain: bool = True) -> Critique 
     return Critique(steps)
 
 
-def _fill(template: str, **kw: str) -> str:
-    try:
-        return template.format(**kw)
-    except KeyError as e:
-        raise ValueError(f"critique template has unknown placeholder {e}; known: {', '.join(kw)}") from None
-
 
 class ModelCritic:
     """A frozen local model that writes a step-by-step critique through ``template`` (greedy)."""
@@ -155,7 +150,8 @@ class ModelCritic:
         self.max_new_tokens, self.system, self.batch_size = max_new_tokens, system, batch_size
 
     def prompt(self, item: Item, attempt: str) -> str:
-        return _fill(self.template, problem=item.prompt, answer=item.answer, attempt=attempt)
+        return fill_template(self.template, "critique template", problem=item.prompt, answer=item.answer,
+                             attempt=attempt)
 
     def __call__(self, items: Sequence[Item], attempts: Sequence[str]) -> list[str]:
         from selfdistill.models import unwrap

@@ -18,15 +18,10 @@ from selfdistill.critique.critic import ModelCritic, exact_critique
 from selfdistill.methods.base import TrainBatch, register
 from selfdistill.methods.onpolicy import Group, OnPolicyMethod
 from selfdistill.models import unwrap
+from selfdistill.sequences import fill_template
 from selfdistill.tasks.base import Item
 from selfdistill.toy.steps import is_toy
 
-
-def _fill(template: str, what: str, **kw: str) -> str:
-    try:
-        return template.format(**kw)
-    except KeyError as e:
-        raise ValueError(f"critique.{what} has unknown placeholder {e}; known: {', '.join(kw)}") from None
 
 
 @register
@@ -91,7 +86,7 @@ class Critique(OnPolicyMethod):
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         cfg = self.ctx.cfg.critique
         if cfg.feedback == "reward":
-            return [[_fill(cfg.reward_template, "reward_template", problem=g.item.prompt, attempt=t,
+            return [[fill_template(cfg.reward_template, "critique.reward_template", problem=g.item.prompt, attempt=t,
                            verdict="correct" if r > 0 else "incorrect") for t, r in zip(g.texts, g.rewards)]
                     for g in groups]
         if cfg.feedback == "reference":
@@ -100,7 +95,7 @@ class Critique(OnPolicyMethod):
                 if not g.item.solution:
                     raise ValueError(f"item {g.item.id}: critique.feedback=reference needs a reference solution "
                                      "and the item has none")
-                out.append([_fill(cfg.reference_template, "reference_template", problem=g.item.prompt,
+                out.append([fill_template(cfg.reference_template, "critique.reference_template", problem=g.item.prompt,
                                   solution=g.item.solution) for _ in g.texts])
             return out
         crits = self.critiques([g.item for g in groups for _ in g.texts], [t for g in groups for t in g.texts])
@@ -108,7 +103,7 @@ class Critique(OnPolicyMethod):
         for g in groups:
             row = []
             for t in g.texts:
-                row.append(_fill(cfg.step_template, "step_template", problem=g.item.prompt, attempt=t,
+                row.append(fill_template(cfg.step_template, "critique.step_template", problem=g.item.prompt, attempt=t,
                                  critique=crits[k]))
                 k += 1
             out.append(row)

@@ -9,14 +9,14 @@ chat template (see :func:`selfdistill.sequences.chat_prompt`).
 from __future__ import annotations
 
 import random
+
 from selfdistill.methods.base import register
 from selfdistill.methods.onpolicy import Group, OnPolicyMethod
+from selfdistill.sequences import fill_template
 
-def _fill(template: str, **kw: str) -> str:
-    try:
-        return template.format(**kw)
-    except KeyError as e:
-        raise ValueError(f"teacher template has unknown placeholder {e}; known: {', '.join(kw)}") from None
+
+def _fill_teacher(template: str, **kw: str) -> str:
+    return fill_template(template, "teacher template", **kw)
 
 
 def _need_solution(item) -> str:
@@ -43,12 +43,12 @@ class OPSD(OnPolicyMethod):
 
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         t = self.ctx.cfg.opsd.template
-        return [[_fill(t, problem=g.item.prompt, solution=_need_solution(g.item)) for _ in g.texts]
+        return [[_fill_teacher(t, problem=g.item.prompt, solution=_need_solution(g.item)) for _ in g.texts]
                 for g in groups]
 
     @classmethod
     def teacher_users_before_training(cls, cfg, items):
-        return [_fill(cfg.opsd.template, problem=it.prompt, solution=it.solution or "") for it in items], ""
+        return [_fill_teacher(cfg.opsd.template, problem=it.prompt, solution=it.solution or "") for it in items], ""
 
 
 @register
@@ -62,12 +62,12 @@ class SDFT(OnPolicyMethod):
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         cfg = self.ctx.cfg.sdft
         pool = self.ctx.stream.items
-        return [[_fill(cfg.template, problem=g.item.prompt, demonstration=_demonstration(cfg, g.item, pool))
+        return [[_fill_teacher(cfg.template, problem=g.item.prompt, demonstration=_demonstration(cfg, g.item, pool))
                  for _ in g.texts] for g in groups]
 
     @classmethod
     def teacher_users_before_training(cls, cfg, items):
-        return [_fill(cfg.sdft.template, problem=it.prompt, demonstration=_demonstration(cfg.sdft, it, items))
+        return [_fill_teacher(cfg.sdft.template, problem=it.prompt, demonstration=_demonstration(cfg.sdft, it, items))
                 for it in items], ""
 
 
@@ -94,11 +94,11 @@ class SDPO(OnPolicyMethod):
                     row.append(None)
                     continue
                 j = peers[random.Random(f"{g.item.id}/{i}").randrange(len(peers))]
-                row.append(_fill(cfg.template, problem=g.item.prompt, attempt=g.texts[j]))
+                row.append(_fill_teacher(cfg.template, problem=g.item.prompt, attempt=g.texts[j]))
             out.append(row)
         return out
 
     @classmethod
     def teacher_users_before_training(cls, cfg, items):
-        return ([_fill(cfg.sdpo.template, problem=it.prompt, attempt="") for it in items],
+        return ([_fill_teacher(cfg.sdpo.template, problem=it.prompt, attempt="") for it in items],
                 f", without the attempt it quotes: up to rollout.max_new_tokens={cfg.rollout.max_new_tokens} more")

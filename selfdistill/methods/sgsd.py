@@ -24,18 +24,12 @@ from selfdistill.methods.onpolicy import OnPolicyMethod
 from selfdistill.models import unwrap
 from selfdistill.objectives import gated_token_loss, teacher_support
 from selfdistill.scoring import target_logprobs
-from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, make_batch
+from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, fill_template, make_batch
 from selfdistill.sgsd import (AutoExtractor, ModelExtractor, RuleExtractor, SkillBank, Trajectory, build_skill_bank,
                               make_similarity, teacher_pool)
 from selfdistill.tasks.base import Item
 from selfdistill.toy.steps import is_toy
 
-
-def _fill(template: str, **kw: str) -> str:
-    try:
-        return template.format(**kw)
-    except KeyError as e:
-        raise ValueError(f"sgsd.template has unknown placeholder {e}; known: {', '.join(kw)}") from None
 
 
 def excluded_token_ids(tokenizer, ids: list[int], chars: str) -> set[int]:
@@ -169,8 +163,9 @@ class SGSD(OnPolicyMethod):
             pool = pools[g.item.id]
             for r in g.rewards:
                 for t in pool:
-                    rows.append((b, _fill(cfg.template, guidance=t.guidance(self._form(g.item)), problem=g.item.prompt),
-                                 t.weight, r))
+                    user = fill_template(cfg.template, "sgsd.template", guidance=t.guidance(self._form(g.item)),
+                                         problem=g.item.prompt)
+                    rows.append((b, user, t.weight, r))
                 if not pool:  # no teacher: a placeholder row of weight 0 keeps the batch well formed
                     rows.append((b, g.item.prompt, 0.0, r))
                 b += 1

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence
 
+from selfdistill.sequences import fill_template
 from selfdistill.sgsd.retrieval import Similarity, TfidfSimilarity
 from selfdistill.tasks.base import ANSWER_MARKER, Item, extract_after_marker
 from selfdistill.toy import steps as toy
@@ -364,12 +365,9 @@ class ModelExtractor:
 
     def prompt(self, t: Trajectory) -> str:
         what = "general skills that made it succeed" if t.correct else "common mistakes it made, phrased as things to avoid"
-        try:
-            return self.template.format(problem=t.item.prompt, attempt=t.completion,
-                                        outcome="correct" if t.correct else "incorrect", n=self.k, what=what)
-        except KeyError as e:
-            raise ValueError(f"sgsd.extract_template has unknown placeholder {e}; known: problem, attempt, "
-                             "outcome, n, what") from None
+        return fill_template(self.template, "sgsd.extract_template", problem=t.item.prompt,
+                             attempt=t.completion, outcome="correct" if t.correct else "incorrect", n=self.k,
+                             what=what)
 
     def __call__(self, trajectories: Sequence[Trajectory]) -> list[list[Candidate]]:
         from selfdistill.models import unwrap
