@@ -28,6 +28,10 @@ class EvalRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     json_out: str = field(default="", metadata={"help": "Also write the results as JSON here."})
+    show: int = field(default=0, metadata={
+        "help": "Print this many greedy completions per (task, split), with their verdicts."})
+    completions_out: str = field(default="", metadata={
+        "help": "Write every completion (greedy and sampled) with its verdict to this JSONL file."})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,7 +227,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     check_items(cfg, tasks, train=False)  # a split with no items would report an accuracy of nothing
     model, tok = load_model(cfg.model)
-    res = evaluate(model, tok, tasks, cfg.eval, cfg.model.system_prompt or None)
+    rows: list[dict] = []
+    res = evaluate(model, tok, tasks, cfg.eval, cfg.model.system_prompt or None, completions=rows)
+    if cfg.show:
+        shown: dict[tuple[str, str], int] = {}
+        for r in rows:
+            key = (r["task"], r["split"])
+            if r["mode"] == "greedy" and shown.get(key, 0) < cfg.show:
+                shown[key] = shown.get(key, 0) + 1
+                mark = "correct" if r["correct"] else f"wrong (answer {r['answer']!r})"
+                print(f"--- {r['task']}/{r['split']} {r['id']}: {mark}\n{r['prompt']}\n>>> {r['completion']}")
+    if cfg.completions_out:
+        with open(cfg.completions_out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     print(format_table(res))
     if cfg.json_out:
         with open(cfg.json_out, "w") as f:

@@ -58,8 +58,12 @@ class SplitResult:
 
 
 def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: str | None = None,
-             log=None) -> list[SplitResult]:
-    """Evaluate ``model`` on every (task, split); one batched generate per mode."""
+             log=None, completions: list[dict] | None = None) -> list[SplitResult]:
+    """Evaluate ``model`` on every (task, split); one batched generate per mode.
+
+    With ``completions`` (a list), one row per generated completion is appended to it: task, split, item
+    id, mode (greedy / sampled), sample index, prompt, reference answer, completion and verdict.
+    """
     jobs = []
     for task in tasks:
         for split in cfg.splits:
@@ -70,8 +74,15 @@ def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: s
     prompts = [chat_prompt(tokenizer, it.prompt, system) for _, _, items in jobs for it in items]
     flat = [(task, it) for task, _, items in jobs for it in items]
 
-    def correct(texts: list[str]) -> list[float]:
-        return [float(task.verify(it, t)) for (task, it), t in zip(flat, texts)]
+    split_of = [split for _, split, items in jobs for _ in items]
+
+    def correct(texts: list[str], mode: str = "greedy", sample: int = 0) -> list[float]:
+        verdicts = [float(task.verify(it, t)) for (task, it), t in zip(flat, texts)]
+        if completions is not None:
+            completions.extend({"task": task.name, "split": sp, "id": it.id, "mode": mode, "sample": sample,
+                                "prompt": it.prompt, "answer": it.answer, "completion": t, "correct": bool(v)}
+                               for (task, it), sp, t, v in zip(flat, split_of, texts, verdicts))
+        return verdicts
 
     greedy = sampled = None
     if cfg.greedy:
@@ -81,7 +92,7 @@ def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: s
         # Plain temperature sampling: no top-p / top-k truncation (what "sampled" means in every table).
         scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
                               batch_size=cfg.batch_size)
-        runs = [correct(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k).texts)
+        runs = [correct(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k).texts, "sampled", k)
                 for k in range(cfg.samples)]
         sampled = [sum(r[i] for r in runs) / len(runs) for i in range(len(flat))]
     out, pos = [], 0

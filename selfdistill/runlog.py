@@ -106,7 +106,7 @@ class RunLog:
         """On resume: drop logged rows after ``step`` so the log matches an uninterrupted run."""
         if not self.is_main:
             return
-        for name in ("metrics.jsonl", "evals.jsonl"):
+        for name in ("metrics.jsonl", "evals.jsonl", "eval_completions.jsonl"):
             p = self.out / name
             if not p.exists():
                 continue
@@ -120,11 +120,17 @@ class RunLog:
                     keep.append(line)
             write_atomic(p, "".join(l + "\n" for l in keep))  # a kill here never loses the log
 
-    def eval_event(self, step: int, kind: str, results: Sequence[SplitResult]) -> None:
+    def eval_event(self, step: int, kind: str, results: Sequence[SplitResult],
+                   completions: Sequence[dict] | None = None) -> None:
+        """One evaluation: its accuracies in ``evals.jsonl``, its completions and verdicts (if given) in
+        ``eval_completions.jsonl``."""
         if not self.is_main:
             return
         with open(self.out / "evals.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "kind": kind, "results": results_to_json(results)}) + "\n")
+        if completions:
+            with open(self.out / "eval_completions.jsonl", "a") as f:
+                f.writelines(json.dumps({"step": step, "kind": kind, **c}) + "\n" for c in completions)
         if self._tb is not None:
             for r in results:
                 for mode in ("greedy", "sampled"):

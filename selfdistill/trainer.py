@@ -353,8 +353,9 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
         if cfg.eval_before:
             signals.phase = "the first evaluation"
             say("evaluating before training ...")
-            before = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
-            runlog.eval_event(0, "before", before)
+            comp: list[dict] = []
+            before = evaluate(unwrap(model), tok, tasks, cfg.eval, system, completions=comp)
+            runlog.eval_event(0, "before", before, comp)
             say("\n" + format_table(before))
 
     signals.phase = "method setup"
@@ -442,7 +443,9 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                                       f"(last at step {step + 1}, max_bad_steps={cfg.max_bad_steps}); "
                                       "lower optim.lr or check the data")
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
-                runlog.eval_event(step + 1, "periodic", evaluate(unwrap(model), tok, tasks, cfg.eval, system))
+                comp = []
+                res = evaluate(unwrap(model), tok, tasks, cfg.eval, system, completions=comp)
+                runlog.eval_event(step + 1, "periodic", res, comp)
             stop = _any_process(signals.pending is not None, accelerator)  # a signal to one process stops all
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or stop:
                 checkpoint(step + 1)
@@ -467,8 +470,9 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
     if cfg.eval_after:
         signals.phase = "the last evaluation"
         say("evaluating after training ...")
-        after = evaluate(unwrap(model), tok, tasks, cfg.eval, system)
-        runlog.eval_event(cfg.steps, "after", after)
+        comp = []
+        after = evaluate(unwrap(model), tok, tasks, cfg.eval, system, completions=comp)
+        runlog.eval_event(cfg.steps, "after", after, comp)
     wall = time.time() - t_start
     signals.phase = "the run's record"
     runlog.finish(before, after, wall)

@@ -120,3 +120,15 @@ def test_every_command_and_subcommand_renders_its_help():
         return n
 
     assert walk(_parser(None), "selfdistill") > len(_COMMANDS)
+
+
+def test_eval_shows_and_writes_its_completions(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    assert main(["eval", "--model.path", tiny_model_dir, "--data.tasks", "toy-math", "--data.test_size", "3",
+                 "--eval.max_items", "3", "--eval.samples", "2", "--eval.max_new_tokens", "6", "--show", "1",
+                 "--completions_out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("--- toy-math/") == 2  # one per split (test_id, test_ood)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * 3 * (1 + 2)  # splits x items x (greedy + 2 samples)
+    assert {r["mode"] for r in rows} == {"greedy", "sampled"} and all(isinstance(r["correct"], bool) for r in rows)

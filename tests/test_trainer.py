@@ -40,6 +40,10 @@ def test_method_trains_and_writes_its_record(tiny_model_dir, tmp_path, method):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["tokens"] > 0 and r["loss"] > 0 for r in rows)
+    comp = [json.loads(l) for l in (out / "eval_completions.jsonl").read_text().splitlines()]
+    # every evaluated completion, before and after, with its verdict
+    assert {c["kind"] for c in comp} == {"before", "after"} and all(isinstance(c["correct"], bool) for c in comp)
+    assert sum(c["kind"] == "after" for c in comp) == sum(r.n for r in res.after) * 2  # greedy + 1 sample
     # The saved model loads with plain transformers and differs from the start.
     trained = AutoModelForCausalLM.from_pretrained(out / "model")
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
