@@ -144,6 +144,9 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list, metadata={
         "help": "Also log to: tensorboard, wandb (comma list; each must be installed)."})
     max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many non-finite steps in a row."})
+    log_completions: int = field(default=-1, metadata={
+        "help": "Write the sequences each step trained on to train_completions.jsonl: -1 = all (the main "
+                "process's share), N = the first N per step, 0 = none."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate the model before training."})
     eval_after: bool = field(default=True, metadata={"help": "Evaluate the model after training."})
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -89,6 +89,13 @@ class RunLog:
         with open(self.out / "run.log", "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
+    def train_completions(self, step: int, rows: Sequence[dict]) -> None:
+        """The sequences step ``step`` trained on (prompt, completion, loss tokens) in ``train_completions.jsonl``."""
+        if not self.is_main or not rows:
+            return
+        with open(self.out / "train_completions.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
+
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.is_main:
             return
@@ -106,7 +113,7 @@ class RunLog:
         """On resume: drop logged rows after ``step`` so the log matches an uninterrupted run."""
         if not self.is_main:
             return
-        for name in ("metrics.jsonl", "evals.jsonl", "eval_completions.jsonl"):
+        for name in ("metrics.jsonl", "evals.jsonl", "eval_completions.jsonl", "train_completions.jsonl"):
             p = self.out / name
             if not p.exists():
                 continue

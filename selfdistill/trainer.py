@@ -436,6 +436,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                 # Timings add up over micro-batches; everything else is averaged.
                 metrics[k] = sum(i[k] for i in infos) / (1 if k.startswith("time_") else len(infos))
             runlog.metrics(metrics)
+            if cfg.log_completions:
+                runlog.train_completions(step + 1, trained_texts(tok, batch, method, cfg.log_completions))
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update(1)
             if bad_in_row >= cfg.max_bad_steps:
@@ -482,6 +484,22 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return RunResult(out, before, after, cfg.steps, wall, skipped)
+
+
+def trained_texts(tok, batch, method, limit: int) -> list[dict]:
+    """The first ``limit`` (-1 = all) student sequences of ``batch`` as text: the prompt, the completion, and
+    how many of its tokens carried the loss (a method's token mask may drop some, e.g. SPD's selector)."""
+    s = batch.student
+    n = len(batch) if limit < 0 else min(limit, len(batch))
+    mask = method.token_mask(batch)
+    rows = []
+    for i in range(n):
+        real = s.attention_mask_BT[i].bool()
+        comp = s.completion_mask_BT[i].bool()
+        ids = s.input_ids_BT[i]
+        rows.append({"index": i, "prompt": tok.decode(ids[real & ~comp]), "completion": tok.decode(ids[comp]),
+                     "loss_tokens": int(mask[i].sum())})
+    return rows
 
 
 def unwrap_for_save(model):

@@ -44,6 +44,9 @@ def test_method_trains_and_writes_its_record(tiny_model_dir, tmp_path, method):
     # every evaluated completion, before and after, with its verdict
     assert {c["kind"] for c in comp} == {"before", "after"} and all(isinstance(c["correct"], bool) for c in comp)
     assert sum(c["kind"] == "after" for c in comp) == sum(r.n for r in res.after) * 2  # greedy + 1 sample
+    trained = [json.loads(l) for l in (out / "train_completions.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in trained] == [1] * 4 + [2] * 4  # batch_size 4, every sequence
+    assert all(t["prompt"] and t["loss_tokens"] >= 0 for t in trained)
     # The saved model loads with plain transformers and differs from the start.
     trained = AutoModelForCausalLM.from_pretrained(out / "model")
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
