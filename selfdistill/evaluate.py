@@ -85,16 +85,22 @@ def evaluate(model, tokenizer, tasks: Sequence[Task], cfg: EvalConfig, system: s
         return verdicts
 
     greedy = sampled = None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts) * (int(cfg.greedy) + cfg.samples), desc="evaluate", unit="completion",
+               dynamic_ncols=True, leave=False)
     if cfg.greedy:
         scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
-        greedy = correct(generate(model, tokenizer, prompts, scfg).texts)
+        greedy = correct(generate(model, tokenizer, prompts, scfg, progress=bar.update).texts)
     if cfg.samples:
         # Plain temperature sampling: no top-p / top-k truncation (what "sampled" means in every table).
         scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
                               batch_size=cfg.batch_size)
-        runs = [correct(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k).texts, "sampled", k)
+        runs = [correct(generate(model, tokenizer, prompts, scfg, generator_seed=cfg.seed + k,
+                                 progress=bar.update).texts, "sampled", k)
                 for k in range(cfg.samples)]
         sampled = [sum(r[i] for r in runs) / len(runs) for i in range(len(flat))]
+    bar.close()
     out, pos = [], 0
     for task, split, items in jobs:
         g = greedy[pos : pos + len(items)] if greedy is not None else None
