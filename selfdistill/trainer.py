@@ -436,7 +436,7 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                 # Timings add up over micro-batches; everything else is averaged.
                 metrics[k] = sum(i[k] for i in infos) / (1 if k.startswith("time_") else len(infos))
             runlog.metrics(metrics)
-            if cfg.log_completions:
+            if cfg.log_completions and accelerator.is_main_process:
                 runlog.train_completions(step + 1, trained_texts(tok, batch, method, cfg.log_completions))
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update(1)
