@@ -1,8 +1,9 @@
 """Greedy exact-copy accuracy of a toy model on the pretraining mixture's copy part, by length.
 
 Usage: python scripts/toy_copy_probe.py [MODEL_DIR] (default: the shipped toy model). A diagnostic for
-the toy world's reading preconditions (docs/toy_world.md): can the model copy text shown in its prompt? Prints exact greedy copies
-and the teacher-forced loss of the copy (nats per token; more sensitive early in pretraining).
+the toy world's reading preconditions (docs/toy_world.md): can the model copy text shown in its prompt?
+Prints exact greedy copies and the teacher-forced loss of the copy (nats per token; more sensitive early
+in pretraining).
 """
 
 from __future__ import annotations

@@ -141,7 +141,9 @@ def run_config(overrides: dict[str, Any], seed: int, output_dir: Path, **top: An
 
 def _row_config(name: str, overrides: dict[str, Any], seed: int, out: Path, common: dict[str, Any]) -> TrainConfig:
     # String settings may name the table's folder and the row's seed (e.g. a per-seed mask file).
-    overrides = {k: v.format(out=out, seed=seed) if isinstance(v, str) else v for k, v in overrides.items()}
+    # (Plain replacement, not str.format: a row's prompt template keeps its own {placeholders}.)
+    overrides = {k: v.replace("{out}", str(out)).replace("{seed}", str(seed)) if isinstance(v, str) else v
+                 for k, v in overrides.items()}
     return run_config({**common, **overrides}, seed, out / "runs" / f"{name}-s{seed}",
                       **({"steps": 1} if name == "base" else {}))
 

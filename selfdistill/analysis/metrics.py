@@ -77,9 +77,10 @@ def singular_values(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return s.double(), False
 
 
-def spectrum(delta: torch.Tensor) -> dict[str, float]:
-    """Spectral norm, stable / effective / numerical rank and top-k energy of a 2-D ``delta``."""
-    s, exact = singular_values(delta)
+def spectrum(delta: torch.Tensor, svals: tuple[torch.Tensor, bool] | None = None) -> dict[str, float]:
+    """Spectral norm, stable / effective / numerical rank and top-k energy of a 2-D ``delta`` (``svals``:
+    its :func:`singular_values`, when the caller has them already)."""
+    s, exact = svals if svals is not None else singular_values(delta)
     energy_total = float(delta.detach().double().pow(2).sum())
     small = min(delta.shape)
     row: dict[str, float] = {"svd_exact": float(exact), "min_dim": float(small)}
@@ -105,7 +106,7 @@ def spectrum(delta: torch.Tensor) -> dict[str, float]:
     return row
 
 
-def _top_svd(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_svd(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``k`` singular triplets of ``m`` (U: rows x k, S: k, V: cols x k), exact where small."""
     if min(m.shape) <= EXACT_SVD_MAX:
         u, s, vh = torch.linalg.svd(m.detach().double(), full_matrices=False)
@@ -119,16 +120,23 @@ def subspace_ks(shape: tuple[int, ...]) -> list[int]:
     return [max(1, round(x * min(shape))) for x in SUBSPACE_SHARES]
 
 
-def subspace(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+def before_svd_rank(shape: tuple[int, ...]) -> int:
+    """How many of W_before's singular triplets the subspace and principal-coordinate metrics read."""
+    return max(max(subspace_ks(shape)), max(1, round(PRINCIPAL_RANK_SHARE * min(shape))))
+
+
+def subspace(before: torch.Tensor, after: torch.Tensor,
+             top_before: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """How much of Delta lies in W_before's top singular subspaces (with what a random direction would put
-    there), how those subspaces turn, and how the singular values drift."""
+    there), how those subspaces turn, and how the singular values drift (``top_before``: W_before's
+    :func:`top_svd` of at least the largest k, when the caller has it already)."""
     wb, wa = before.detach().double(), after.detach().double()
     d = wa - wb
     energy = float(d.pow(2).sum())
     ks = subspace_ks(tuple(d.shape))
     kmax = max(ks)
-    ub, sb, vb = _top_svd(wb, kmax)
-    ua, sa, va = _top_svd(wa, kmax)
+    ub, sb, vb = top_before if top_before is not None else top_svd(wb, kmax)
+    ua, sa, va = top_svd(wa, kmax)
     row: dict[str, float] = {}
     for share, k in zip(SUBSPACE_SHARES, ks):
         tag = f"{_pct(share)}pct"
@@ -174,11 +182,12 @@ def low_weight_set(before: torch.Tensor) -> torch.Tensor:
     return _lowest(before.detach().abs().double(), LOW_FRACTION)
 
 
-def principal_set(before: torch.Tensor) -> torch.Tensor:
+def principal_set(before: torch.Tensor,
+                  top_before: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The ``LOW_FRACTION`` of coordinates with the largest |entry| of W_before's rank-k reconstruction."""
     k = max(1, round(PRINCIPAL_RANK_SHARE * min(before.shape)))
-    u, s, v = _top_svd(before, k)
-    recon = (u * s) @ v.T
+    u, s, v = top_before if top_before is not None else top_svd(before, k)
+    recon = (u[:, :k] * s[:k]) @ v[:, :k].T
     return _lowest(-recon.abs(), LOW_FRACTION)
 
 
@@ -193,10 +202,11 @@ def overlap(mask: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "enrichment": ov / (r / n) if r else 0.0}
 
 
-def near_zero(delta: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
-    """Whether the update falls on the smallest weights and on the principal coordinates (per atol)."""
+def near_zero(delta: torch.Tensor, before: torch.Tensor,
+              top_before: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Whether the update falls on the smallest weights and on the principal coordinates (per mask)."""
     low = low_weight_set(before)
-    prin = principal_set(before) if before.dim() == 2 else None
+    prin = principal_set(before, top_before) if before.dim() == 2 else None
     row: dict[str, float] = {}
     masks = [(f"atol_{atol:g}", update_mask(delta, atol)) for atol in MASK_ATOLS]
     masks.append((f"top_{_pct(MASK_TOP)}pct", top_mask(delta, MASK_TOP)))

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfdistill.analysis import metrics as M
-from selfdistill.analysis.weights import Weights, classify, paired
+from selfdistill.analysis.weights import Weights, classify, common_names, paired
 
 #: The singular values kept per matrix for the spectra plot.
 KEEP_SINGULAR = 128
@@ -36,20 +36,25 @@ def analyze(before: str, after: str, dtype: str = "fp32", progress: bool = True)
     rows: list[dict[str, Any]] = []
     spectra: dict[str, list[float]] = {}
     other = "bf16" if dtype == "fp32" else "fp32"
-    items = list(paired(wb, wa, dtype))
-    for name, b, a in tqdm(items, desc="analyze", disable=not progress, dynamic_ncols=True):
+    pairs = paired(wb, wa)  # float32, read lazily: one pair in memory at a time
+    for name, b32, a32 in tqdm(pairs, total=len(common_names(wb, wa)), desc="analyze", disable=not progress,
+                               dynamic_ncols=True):
+        b16, a16 = b32.bfloat16().float(), a32.bfloat16().float()
+        b, a = (b32, a32) if dtype == "fp32" else (b16, a16)
         where = classify(name, b.dim())
         d = a - b
         row: dict[str, Any] = {"name": name, "layer": where.layer, "module": where.module, "block": where.block,
                                "shape": list(b.shape), **M.sparsity(d, b)}
-        ob, oa = (b.bfloat16().float(), a.bfloat16().float()) if other == "bf16" else (wb.get(name), wa.get(name))
-        row[f"zero_share_{other}"] = float(((oa - ob) == 0).sum()) / d.numel()
+        od = (a16 - b16) if other == "bf16" else (a32 - b32)
+        row[f"zero_share_{other}"] = float((od == 0).sum()) / d.numel()
+        top_before = None
         if b.dim() == 2:
-            row.update(M.spectrum(d))
-            row.update(M.subspace(b, a))
-            s, _ = M.singular_values(d)
-            spectra[name] = [float(x) for x in s[:KEEP_SINGULAR]]
-        row.update(M.near_zero(d, b))
+            svals = M.singular_values(d)  # once: the spectrum rows and the plot
+            top_before = M.top_svd(b, M.before_svd_rank(tuple(b.shape)))  # once: subspace and principal set
+            row.update(M.spectrum(d, svals))
+            row.update(M.subspace(b, a, top_before))
+            spectra[name] = [float(x) for x in svals[0][:KEEP_SINGULAR]]
+        row.update(M.near_zero(d, b, top_before))
         rows.append(row)
     return {"before": before, "after": after, "dtype": dtype, "other_dtype": other, "params": rows,
             "spectra": spectra, "groups": aggregate(rows), "settings": settings()}
@@ -102,7 +107,8 @@ _COLUMNS = [  # (header, group key, format)
     ("<1e-3 rms", "below_0.001_rms_n", "{:.1%}"), ("<1e-2 rms", "below_0.01_rms_n", "{:.1%}"),
     ("top1% energy", "energy_top_1pct_n", "{:.1%}"), ("rel fro", "rel_fro_e", "{:.2e}"),
     ("stable rank", "stable_rank_e", "{:.1f}"), ("eff. rank / dim", "_eff_rank_share", "{:.2f}"),
-    ("in W top-5%", "in_both_5pct_e", "{:.1%}"), ("if random", "in_both_5pct_random_e", "{:.2%}"), ("low-W enrich.", "top_5pct_low_enrichment_n", "{:.2f}"),
+    ("in W top-5%", "in_both_5pct_e", "{:.1%}"), ("if random", "in_both_5pct_random_e", "{:.2%}"),
+    ("low-W enrich.", "top_5pct_low_enrichment_n", "{:.2f}"),
 ]
 
 
@@ -133,8 +139,9 @@ def markdown(res: dict[str, Any]) -> str:
              "Columns: shares of elements (element-weighted) for the sparsity columns; energy-weighted means "
              "over matrices for the rest (relative Frobenius norm, stable rank ||D||_F^2/sigma_1^2, effective "
              "rank exp(H(sigma/sum sigma)) over the smaller dimension, share of ||D||^2 inside W_before's top-5% "
-             "singular subspaces (both sides) and what a delta of random direction would put there, enrichment of the top-5% |D| mask on the lowest-10% |W| "
-             "coordinates (element-weighted; 1 = as a random mask).", "",
+             "singular subspaces (both sides) and what a delta of random direction would put there, "
+             "enrichment of the top-5% |D| mask on the lowest-10% |W| coordinates (element-weighted; 1 = as "
+             "a random mask).", "",
              "## Whole model", "", table(res["groups"]["all"], "model"), "",
              "## By block", "", table(res["groups"]["block"], "block"), "",
              "## By module type", "", table(res["groups"]["module"], "module"), "",

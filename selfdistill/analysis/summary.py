@@ -58,12 +58,14 @@ def analysis_table(out: str | Path, rows: list[str], seeds: list[int]) -> str:
 def overlap_table(out: str | Path, pairs: list[tuple[str, str]], seeds: list[int]) -> str:
     """Markdown: Jaccard and coverage of two rows' update masks, against random masks of the same densities."""
     out = Path(out) / "analysis"
-    lines = ["| masks | seeds | density | Jaccard | Jaccard if random | A in B | if random |", "|---|---|---|---|---|---|---|"]
+    lines = ["| masks | seeds | density | Jaccard | Jaccard if random | A in B | if random |",
+             "|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         got: list[dict[str, Any]] = [json.loads(p.read_text())["all"] for s in seeds
                                      if (p := out / f"compare-{a}-{b}-s{s}.json").exists()]
         lines.append(f"| {a} vs {b} | {len(got)} | {_ms([g['density_a'] for g in got], '{:.1%}')} | "
-                     f"{_ms([g['jaccard'] for g in got], '{:.3f}')} | {_ms([g['jaccard_random'] for g in got], '{:.3f}')} | "
+                     f"{_ms([g['jaccard'] for g in got], '{:.3f}')} | "
+                     f"{_ms([g['jaccard_random'] for g in got], '{:.3f}')} | "
                      f"{_ms([g['coverage_a_in_b'] for g in got], '{:.1%}')} | "
                      f"{_ms([g['coverage_random_a_in_b'] for g in got], '{:.1%}')} |")
     return "\n".join(lines)

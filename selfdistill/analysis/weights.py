@@ -1,9 +1,9 @@
 """The weights an analysis compares: read tensor by tensor from Hugging Face folders, named by layer and module.
 
 Weights are read straight from the ``*.safetensors`` files (no model is built), so any architecture works
-and at most two tensors are in memory at a time. A run folder is read through its ``model/``; a LoRA
-run's adapter is merged into its base first (through PEFT), since the update of interest is the base
-weights' (W + BA - W).
+and one pair of tensors (with its delta) is in memory at a time. A run folder is read through its
+``model/``; a LoRA run's adapter is merged into its base first (through PEFT), since the update of
+interest is the base weights' (W + BA - W).
 """
 
 from __future__ import annotations
@@ -127,16 +127,22 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def paired(before: Weights, after: Weights, dtype: str = "fp32") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, W_before, W_after) for every parameter in both, in ``dtype`` (``bf16`` rounds both to bfloat16
-    first, as a bf16 training run stores them, then compares in float32); refuses mismatched shapes."""
+def common_names(before: Weights, after: Weights) -> dict[str, tuple[str, str]]:
+    """Canonical name -> (its name in ``before``, in ``after``) for every parameter both hold."""
     b_names = {canonical_name(n): n for n in before.names()}
     a_names = {canonical_name(n): n for n in after.names()}
-    common = [n for n in b_names if n in a_names]
+    common = {n: (b_names[n], a_names[n]) for n in b_names if n in a_names}
     if not common:
         raise ConfigError(f"{before.path} and {after.path} share no parameter names: not the same architecture")
-    for n in common:
-        wb, wa = before.get(b_names[n]), after.get(a_names[n])
+    return common
+
+
+def paired(before: Weights, after: Weights, dtype: str = "fp32") -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, W_before, W_after) for every parameter in both, read one pair at a time, in ``dtype`` (``bf16``
+    rounds both to bfloat16 first, as a bf16 training run stores them, then compares in float32); refuses
+    mismatched shapes."""
+    for n, (bn, an) in common_names(before, after).items():
+        wb, wa = before.get(bn), after.get(an)
         if wb.shape != wa.shape:
             raise ConfigError(f"{n}: shape {tuple(wb.shape)} in {before.path} but {tuple(wa.shape)} in "
                               f"{after.path}: not the same architecture")

@@ -140,7 +140,6 @@ def exact_critique(item: Item, completion: str, chain: bool = True) -> Critique 
     return Critique(steps)
 
 
-
 class ModelCritic:
     """A frozen local model that writes a step-by-step critique through ``template`` (greedy)."""
 

@@ -23,7 +23,6 @@ from selfdistill.tasks.base import Item
 from selfdistill.toy.steps import is_toy
 
 
-
 @register
 class Critique(OnPolicyMethod):
     name = "critique"

@@ -31,7 +31,6 @@ from selfdistill.tasks.base import Item
 from selfdistill.toy.steps import is_toy
 
 
-
 def excluded_token_ids(tokenizer, ids: list[int], chars: str) -> set[int]:
     """Which of ``ids`` are special tokens, or decode to only ``chars`` (the answer marker) and whitespace."""
     special = set(tokenizer.all_special_ids)
