@@ -59,8 +59,11 @@ def test_code_answers_are_what_the_program_prints():
 def test_ood_holds_out_combinations_of_seen_constructs():
     n_ops = lambda it: len(it.meta["ops"])  # noqa: E731
     train_math = [make_item("math", "train", i) for i in range(300)]
-    assert {n_ops(it) for it in train_math} == {1, 2, 3}
-    assert all(n_ops(make_item("math", s, i)) == 4 for s in OOD_SPLITS for i in range(30))
+    assert {n_ops(it) for it in train_math} == {1, 2, 3, 4}
+    signs = lambda it: {op for op, _ in it.meta["ops"]}  # noqa: E731
+    assert all(len(signs(it)) == 1 for it in train_math if n_ops(it) == 4)  # 4 operations of one sign ...
+    ood_math = [make_item("math", s, i) for s in OOD_SPLITS for i in range(30)]
+    assert all(n_ops(it) == 4 and len(signs(it)) == 2 for it in ood_math)  # ... OOD: 4 of both signs
     code = [make_item("code", "train", i) for i in range(300)]
     assert any("if " in it.prompt for it in code)  # if is seen in training ...
     ood = [make_item("code", "test_ood", i) for i in range(30)]

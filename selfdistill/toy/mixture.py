@@ -22,7 +22,7 @@ examples (``SHARES``; their token shares are measured in docs/toy_world.md):
   incorrect) and ``critique`` (attempt checked line by line, wrong lines
   corrected) -> a correct solution.
 - ``skill`` (SGSD): ``skill: carry`` lines; the solution then writes a
-  ones-digit line before exactly those steps (more careful there).
+  ones-digit line before every step of that operation (more careful there).
 - ``sharded`` / ``concat`` (CCOPD): the problem's shards over 2-3 user turns
   (evaluation uses all of them: 3-6) or in one turn.
 - ``peer`` (OPCoD): another model's solution, right or wrong, in context.

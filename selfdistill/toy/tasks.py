@@ -1,4 +1,4 @@
-"""The toy world (v2): seeded procedural tasks in the SPD paper's three domains.
+"""The toy world (v4): seeded procedural tasks in the SPD paper's three domains.
 
 Each domain has a ``train`` split, ``valid`` and ``valid_ood`` splits (for
 choosing settings and checking the world's preconditions), an in-domain
@@ -9,7 +9,9 @@ Out-of-domain splits hold out *combinations* of constructs that all occur in
 training, so they are reachable (v1's used tokens never seen in training and
 sat at the floor):
 
-- math ``Compute 47+8-5``: 1-3 operations (operands 2-9 after the first) (+/-) in training; OOD has 4.
+- math ``Compute 47+8-5``: 1-4 operations (operands 2-9 after the first) (+/-) in training, where 4
+  operations are all of one sign; OOD has 4 operations of both signs (v3's OOD, 4 operations never seen
+  in training, sat at 0.8%).
 - code "What does this print?": 2-4 assignments; an ``if`` occurs in training
   only on the last assigned variable and with at most 3 assignments; OOD has
   4 assignments and an ``if`` on an earlier variable.
@@ -42,7 +44,7 @@ OOD_SPLITS = ("valid_ood", "test_ood")
 #: Items per split: tables use 500 per evaluation split (standard error ~2 points).
 DEFAULT_SIZES = {"train": 4000, "valid": 500, "valid_ood": 500, "test_id": 500, "test_ood": 500}
 _SPLIT_SALT = {"train": 11, "valid": 17, "test_id": 23, "test_ood": 37, "valid_ood": 41}
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 #: Largest operand after the first number (v3: 9; v2 had 19, where the v2 model sat at 6% in domain, below
 #: the 20% precondition, making mostly ones-digit errors).
 MAX_OPERAND = 9
@@ -71,18 +73,27 @@ def step_skill(a: int, op: str, b: int) -> str | None:
     return None
 
 
+#: The skill hint that makes a careful solution write a ones-digit line before every step of that operation.
+CAREFUL_OP = {"carry": "+", "borrow": "-"}
+
+
 def careful_line(a: int, op: str, b: int, spaced: bool, careful: frozenset[str] | set[str] = frozenset()) -> str | None:
-    """The extra ones-digit line a careful solution writes before a carry/borrow step whose skill is in ``careful``."""
-    skill = step_skill(a, op, b)
-    if skill not in careful:
+    """The ones-digit line a careful solution writes before each ``+`` step (hint ``carry``) or ``-`` step
+    (hint ``borrow``): ``ones: 4 + 7 = 11, carry 1`` / ``ones: 2 + 7 = 9``.
+
+    Every step of the hinted operation gets one, not only those that carry: deciding whether a step carries
+    is the very ones-digit sum the line writes out (v3 wrote lines only before carrying steps, and the
+    model, unable to tell which those were before computing them, put them on the wrong steps: -13 points).
+    """
+    if op not in {CAREFUL_OP[s] for s in careful if s in CAREFUL_OP}:
         return None
     sp = " " if spaced else ""
-    if skill == "carry":
-        s = abs(a) % 10 + abs(b) % 10
-        return f"ones: {abs(a) % 10}{sp}+{sp}{abs(b) % 10}{sp}={sp}{s}, carry 1"
-    if skill == "borrow":
-        return f"ones: {abs(a) % 10 + 10}{sp}-{sp}{abs(b) % 10}{sp}={sp}{abs(a) % 10 + 10 - abs(b) % 10}, borrow 1"
-    return None
+    x, y = abs(a) % 10, abs(b) % 10
+    if op == "+":
+        return f"ones: {x}{sp}+{sp}{y}{sp}={sp}{x + y}" + (", carry 1" if x + y > 9 else "")
+    if x < y:
+        return f"ones: {x + 10}{sp}-{sp}{y}{sp}={sp}{x + 10 - y}, borrow 1"
+    return f"ones: {x}{sp}-{sp}{y}{sp}={sp}{x - y}"
 
 
 def draw_style(rng: random.Random, domain: str) -> dict[str, Any]:
@@ -105,16 +116,23 @@ def _wrap(lines: list[str], answer: str, style: dict[str, Any], closing: str) ->
 
 
 # ---------------------------------------------------------------- math
-def math_ops(rng: random.Random, n_ops: int) -> tuple[int, list[tuple[str, int]]]:
-    value = start = rng.randint(10, 99)
-    ops = []
-    for _ in range(n_ops):
-        op, k = rng.choice("+-"), rng.randint(2, MAX_OPERAND)
-        if op == "-" and k > value:
-            op = "+"
-        ops.append((op, k))
-        value = apply(value, op, k)
-    return start, ops
+def math_ops(rng: random.Random, n_ops: int, signs: str = "any") -> tuple[int, list[tuple[str, int]]]:
+    """A start number and ``n_ops`` operations; ``signs``: ``any``, ``same`` (all + or all -) or ``mixed``
+    (both + and - occur; needs 2+ operations)."""
+    while True:
+        value = start = rng.randint(10, 99)
+        first = rng.choice("+-")
+        if signs == "same" and first == "-" and start < n_ops * MAX_OPERAND:
+            first = "+"
+        ops = []
+        for _ in range(n_ops):
+            op, k = (first if signs == "same" else rng.choice("+-")), rng.randint(2, MAX_OPERAND)
+            if op == "-" and k > value:
+                op = "+"
+            ops.append((op, k))
+            value = apply(value, op, k)
+        if signs != "mixed" or len({op for op, _ in ops}) == 2:
+            return start, ops
 
 
 def math_solution(start: int, ops: list[tuple[str, int]], style: dict[str, Any], careful: frozenset[str] | set[str] = frozenset()) -> str:
@@ -129,8 +147,8 @@ def math_solution(start: int, ops: list[tuple[str, int]], style: dict[str, Any],
     return _wrap(lines, str(value), style, f"So the result is {value}.")
 
 
-def _math_item(rng: random.Random, n_ops: int, idx: str) -> Item:
-    start, ops = math_ops(rng, n_ops)
+def _math_item(rng: random.Random, n_ops: int, idx: str, signs: str = "any") -> Item:
+    start, ops = math_ops(rng, n_ops, signs)
     style = draw_style(rng, "math")
     expr = str(start) + "".join(f"{op}{k}" for op, k in ops)
     steps, value = [], start
@@ -299,7 +317,10 @@ def make_item(domain: str, split: str, index: int, seed: int = 0) -> Item:
     ood = split in OOD_SPLITS
     idx = f"toy-{domain}-{split}-{seed}-{index}"
     if domain == "math":
-        return _math_item(rng, n_ops=4 if ood else rng.choice((1, 2, 2, 3, 3)), idx=idx)
+        if ood:
+            return _math_item(rng, n_ops=4, idx=idx, signs="mixed")
+        n = rng.choice((1, 2, 2, 3, 3, 4))
+        return _math_item(rng, n_ops=n, idx=idx, signs="same" if n == 4 else "any")
     if domain == "code":
         if ood:
             return _code_item(rng, n_assign=4, if_at=rng.randint(0, 2), idx=idx)
