@@ -35,7 +35,7 @@ class MethodInfo:
 def catalog() -> dict[str, MethodInfo]:
     """Every ``@register``-ed method class in ``selfdistill/methods``, by name."""
     classes: dict[str, tuple[list[str], dict[str, Any], bool]] = {}  # class -> (bases, literal attrs, registered)
-    for path in sorted(_METHODS_DIR.glob("*.py")):
+    for path in sorted(_METHODS_DIR.rglob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if not isinstance(node, ast.ClassDef):
                 continue

@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-#: Commands in help order, with their one-line help. The last five live in their method's package
+#: Commands in help order, with their one-line help. The last seven live in their method's package
 #: (``add_commands(sub)`` / ``run(ns)`` in ``_PACKAGE_COMMANDS``), which is imported only when used.
 _COMMANDS = {
     "train": "Train with a method (default: SPD on the toy world).",
@@ -56,10 +56,11 @@ _COMMANDS = {
     "sgsd": "SGSD tools: build and show the skill bank.",
     "critique": "Step-aligned critique tools: the per-token advantage analysis.",
     "analyze": "What a run changed in the weights: report, mask overlap, masks for sparse retraining.",
+    "safesteer": "SafeSteer tools: the refusal direction, the safety tokens, the safety evaluation.",
 }
 _PACKAGE_COMMANDS = {"ccopd": "selfdistill.ccopd.cli", "opcod": "selfdistill.opcod.cli",
                      "sgsd": "selfdistill.sgsd.cli", "critique": "selfdistill.critique.cli",
-                     "analyze": "selfdistill.analysis.cli"}
+                     "analyze": "selfdistill.analysis.cli", "safesteer": "selfdistill.methods.safesteer.cli"}
 
 
 def _version() -> str:

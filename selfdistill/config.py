@@ -14,7 +14,7 @@ from selfdistill.evaluate import EvalConfig
 from selfdistill.method_configs import (OnPolicyConfig, OPSDConfig, SDFTConfig, SDPOConfig, SPDConfig,
                                         SSDConfig)
 from selfdistill.method_configs import CCOPDConfig, OPCoDConfig
-from selfdistill.method_configs import CritiqueConfig, GRPOConfig, SGSDConfig
+from selfdistill.method_configs import CritiqueConfig, GRPOConfig, SafeSteerConfig, SGSDConfig
 from selfdistill.objectives.config import DivergenceConfig
 from selfdistill.rollout import SamplingConfig
 
@@ -167,6 +167,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sgsd: SGSDConfig = field(default_factory=SGSDConfig)
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+    safesteer: SafeSteerConfig = field(default_factory=SafeSteerConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:

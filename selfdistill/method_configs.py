@@ -314,3 +314,47 @@ class CritiqueConfig:
         "help": "Teacher prompt for feedback=reference; {problem}, {solution}."})
     step_template: str = field(default=CRITIQUE_STEP_TEMPLATE, metadata={
         "help": "Teacher prompt for feedback=step; {problem}, {attempt}, {critique}."})
+
+
+@dataclass
+class SafeSteerConfig:
+    """SafeSteer (arXiv 2606.02530): a teacher steered along the model's own refusal direction, distilled on
+    a few safety tokens only. See docs/methods/safesteer.md."""
+
+    direction: str = field(default="", metadata={
+        "help": "A direction folder from `selfdistill safesteer direction` (empty: computed at the start of the "
+                "run from the training task's harmful and harmless prompts, saved in the run's folder)."})
+    tokens: str = field(default="", metadata={
+        "help": "A safety-token file from `selfdistill safesteer tokens` (empty: chosen at the start of the run)."})
+    coeff: float = field(default=1.0, metadata={
+        "help": "The teacher adds coeff x direction (the raw mean difference) to the chosen block's input."})
+    vocabulary: Literal["safety", "full"] = field(default="safety", metadata={
+        "help": "safety: reverse KL summed over the safety tokens (SafeSteer); full: full-vocabulary reverse KL "
+                "to the steered teacher (the 'global' baseline; the distill section is then used)."})
+    renormalise: bool = field(default=False, metadata={
+        "help": "Renormalise student and teacher over the safety tokens before the KL (the paper's loss does not)."})
+    n_direction: int = field(default=128, metadata={"help": "Harmful and harmless prompts each for the mean difference."})
+    n_select: int = field(default=32, metadata={"help": "Harmful and harmless prompts each for choosing the candidate."})
+    drop_last_layers: float = field(default=0.2, metadata={"help": "Candidates in the last share of blocks are dropped."})
+    max_kl: float = field(default=0.1, metadata={
+        "help": "Drop candidates whose ablation moves the harmless next-token distribution by more than this KL."})
+    filter_prompts: bool = field(default=True, metadata={
+        "help": "Keep only harmful prompts the model already leans to refuse (refusal score > 0) and harmless "
+                "ones it does not (< 0) for the mean difference, when at least 8 of each remain."})
+    num_tokens: int = field(default=50, metadata={"help": "Safety tokens kept."})
+    vote_top: int = field(default=200, metadata={"help": "Each position votes for its top this-many tokens by log-ratio."})
+    token_prompts: int = field(default=64, metadata={"help": "Harmless prompts the steered model continues to vote."})
+    token_samples: int = field(default=8, metadata={"help": "Samples per prompt (temperature 1)."})
+    token_new: int = field(default=6, metadata={"help": "Tokens generated per sample."})
+    min_prob: float = field(default=1e-8, metadata={
+        "help": "Tokens whose mean steered probability over the voting positions is below this are banned."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_last_layers < 1.0:
+            raise ValueError(f"safesteer.drop_last_layers must be in [0, 1), got {self.drop_last_layers}")
+        for name in ("num_tokens", "vote_top", "token_prompts", "token_samples", "token_new", "n_direction",
+                     "n_select"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"safesteer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vote_top < self.num_tokens:
+            raise ValueError(f"safesteer.vote_top ({self.vote_top}) must be >= safesteer.num_tokens ({self.num_tokens})")

@@ -132,7 +132,7 @@ class OnPolicyMethod(Method):
             batch.student.completion_mask_BT.device)
 
     def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        ctx, dcfg = self.ctx, self.ctx.cfg.distill
+        ctx = self.ctx
         s_batch, t_batch = micro.student.to(ctx.device), micro.teacher.to(ctx.device)
         s_mask = s_batch.completion_mask_BT[:, 1:].bool()
         t_mask = t_batch.completion_mask_BT[:, 1:].bool()
@@ -145,14 +145,18 @@ class OnPolicyMethod(Method):
         weights_N = micro.tensors["weights_B"].to(ctx.device)[:, None].expand_as(s_mask)[s_mask]
         ids_N = s_batch.input_ids_BT[:, 1:][s_mask]
         old = micro.tensors.get("old_logp_BT")
-        scale = 1.0
-        if dcfg.is_clip is not None and old is None:  # on-policy: min(exp(0), c) = min(1, c) on every token
+        old_N = old.to(ctx.device)[:, 1:][s_mask] if old is not None else None
+        loss = self.objective(s_rows, lm_head_weight(ctx.model), t_rows, t_head, weights_N, ids_N, old_N, num_tokens)
+        return loss, {"time_teacher_s": t_teacher}
+
+    def objective(self, s_rows, s_head, t_rows, t_head, weights_N, ids_N, old_N, num_tokens) -> torch.Tensor:
+        """The per-token objective on the completion rows (default: ``distill.*`` from the objective library)."""
+        dcfg, scale = self.ctx.cfg.distill, 1.0
+        if dcfg.is_clip is not None and old_N is None:  # on-policy: min(exp(0), c) = min(1, c) on every token
             dcfg, scale = replace(dcfg, is_clip=None), min(1.0, dcfg.is_clip)
-        loss = divergence_from_hidden(
-            s_rows, lm_head_weight(ctx.model), t_rows, t_head, mask_N=weights_N, cfg=dcfg,
-            token_ids_N=ids_N, old_logprobs_N=old.to(ctx.device)[:, 1:][s_mask] if old is not None else None,
-            num_items_in_batch=num_tokens)
-        return (loss * scale if scale != 1.0 else loss), {"time_teacher_s": t_teacher}
+        loss = divergence_from_hidden(s_rows, s_head, t_rows, t_head, mask_N=weights_N, cfg=dcfg, token_ids_N=ids_N,
+                                      old_logprobs_N=old_N, num_items_in_batch=num_tokens)
+        return loss * scale if scale != 1.0 else loss
 
     def after_step(self, step: int) -> None:
         self.teacher.update(step)

@@ -15,6 +15,7 @@ normalisation; computed in fp32, in chunks of tokens.
 - :func:`policy_gradient_loss`, :func:`group_advantages`: the clipped-ratio
   policy-gradient loss (PPO / GRPO) on realised tokens.
 - :func:`gated_token_loss`: SGSD's bounded loss signed by outcome x teacher support.
+- :func:`subset_reverse_kl_from_hidden`: reverse KL summed over a fixed token subset (SafeSteer).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _LAZY = {
     "clip_fraction": "pg", "group_advantages": "pg", "kl_k3": "pg", "policy_gradient_loss": "pg",
     "global_token_count": "reduce", "importance_weights": "reduce", "reduce_token_losses": "reduce",
     "sampled_token_loss": "reduce",
+    "subset_reverse_kl_from_hidden": "subset", "subset_reverse_kl_rows": "subset",
 }
 
 

