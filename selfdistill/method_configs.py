@@ -326,8 +326,10 @@ class SafeSteerConfig:
                 "run from the training task's harmful and harmless prompts, saved in the run's folder)."})
     tokens: str = field(default="", metadata={
         "help": "A safety-token file from `selfdistill safesteer tokens` (empty: chosen at the start of the run)."})
-    coeff: float = field(default=1.0, metadata={
-        "help": "The teacher adds coeff x direction (the raw mean difference) to the chosen block's input."})
+    coeff: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata={
+        "help": "Steering coefficients tried in order when selecting the direction: the first for which some "
+                "candidate's addition (coeff x the raw mean difference) induces refusal on harmless prompts is "
+                "kept, and the teacher adds coeff x direction (a direction file keeps its own coefficient)."})
     vocabulary: Literal["safety", "full"] = field(default="safety", metadata={
         "help": "safety: reverse KL summed over the safety tokens (SafeSteer); full: full-vocabulary reverse KL "
                 "to the steered teacher (the 'global' baseline; the distill section is then used)."})
@@ -356,5 +358,7 @@ class SafeSteerConfig:
                      "n_select"):
             if getattr(self, name) < 1:
                 raise ValueError(f"safesteer.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.coeff or any(not (c > 0) for c in self.coeff):
+            raise ValueError(f"safesteer.coeff must be a non-empty list of numbers > 0, got {self.coeff}")
         if self.vote_top < self.num_tokens:
             raise ValueError(f"safesteer.vote_top ({self.vote_top}) must be >= safesteer.num_tokens ({self.num_tokens})")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from selfdistill.config_io import ConfigError
 from selfdistill.method_configs import SafeSteerConfig
 from selfdistill.objectives import subset_reverse_kl_from_hidden, subset_reverse_kl_rows
 from selfdistill.residual import ablate_direction, add_direction, block_inputs, decoder_layers
@@ -137,17 +138,22 @@ def test_selection_table_on_a_tiny_model(tiny_lm, tmp_path):
     task = RefusalTask("toy-refusal")
     harmful = [it.prompt for it in task.harmful_pool(16)]
     harmless = [it.prompt for it in task.harmless(16)]
-    cfg = SafeSteerConfig(n_direction=12, n_select=4, max_kl=10.0)
-    ref = tok("I", add_special_tokens=False).input_ids
+    cfg = SafeSteerConfig(n_direction=12, n_select=4, max_kl=10.0, coeff=[1.0])
+    # A random model refuses nothing: with one rare "refusal" token no steering induces refusal -> a clear error.
+    with pytest.raises(ConfigError, match="no refusal-direction candidate passed"):
+        select_direction(model, tok, harmful, harmless, cfg, log=lambda s: None, refusal_ids=[7])
+    # With most of the vocabulary as "refusal" tokens every candidate induces it; the pick is then the one
+    # whose ablation lowers the harmful score most.
+    ref = list(range(len(tok) - 40))
     d = select_direction(model, tok, harmful, harmless, cfg, log=lambda s: None, refusal_ids=ref)
     cands = d.info["candidates"]
     n_pos = d.info["post_instruction_tokens"]
     assert len(cands) == d.info["candidate_layers"] * n_pos and n_pos >= 1
     assert d.vector.shape == (model.config.hidden_size,) and 0 <= d.layer < d.info["candidate_layers"]
     kept = [c for c in cands if c["kept"]]
-    if kept:  # the chosen one is the kept candidate whose ablation lowers harmful refusal most
-        assert min(c["ablation_refusal"] for c in kept) == next(
-            c["ablation_refusal"] for c in cands if c["layer"] == d.layer and c["position"] == d.position)
+    assert kept and d.info["coeff"] == 1.0
+    assert min(c["ablation_refusal"] for c in kept) == next(
+        c["ablation_refusal"] for c in cands if c["layer"] == d.layer and c["position"] == d.position)
     d.save(tmp_path / "dir")
     plot_direction(d, tmp_path / "dir" / "direction.png")
     back = load_direction(tmp_path / "dir")
@@ -180,7 +186,6 @@ def test_safesteer_trains_and_resumes_its_direction(tiny_model_dir, tmp_path):
 
 
 def test_safesteer_refuses_other_tasks(tiny_model_dir, tmp_path):
-    from selfdistill.config_io import ConfigError
     from selfdistill.trainer import train
 
     cfg = tiny(tiny_model_dir, tmp_path / "x", method="safesteer", **{"data.tasks": ["toy-math"]})

@@ -84,7 +84,8 @@ class SafeSteer(OnPolicyMethod):
                 harmless = [it.prompt for it in task.harmless(cfg.n_direction + cfg.n_select + cfg.token_prompts)]
                 harmless = harmless[-cfg.token_prompts:]  # apart from those the direction was measured on
                 self.tokens = choose_tokens(model, ctx.tokenizer, harmless, self.direction.layer,
-                                            self.direction.vector, cfg, ctx.system, ctx.log, seed=ctx.cfg.seed)
+                                            self.direction.vector, steering_coeff(self.direction), cfg,
+                                            ctx.system, ctx.log, seed=ctx.cfg.seed)
                 if main:
                     self.tokens.save(out / "tokens.json")
         vocab = lm_head_weight_rows(ctx.model)
@@ -99,7 +100,7 @@ class SafeSteer(OnPolicyMethod):
 
     def teacher_view(self, module) -> contextlib.AbstractContextManager:
         d = self.direction
-        return add_direction(module, d.layer, d.vector, self.ctx.cfg.safesteer.coeff)
+        return add_direction(module, d.layer, d.vector, steering_coeff(d))
 
     def objective(self, s_rows, s_head, t_rows, t_head, weights_N, ids_N, old_N, num_tokens) -> torch.Tensor:
         cfg = self.ctx.cfg.safesteer
@@ -132,6 +133,11 @@ class SafeSteer(OnPolicyMethod):
             self.direction = Direction(d["layer"], d["position"], d["vector"], d["info"])
         if "tokens" in state:
             self.tokens = SafetyTokens(state["tokens"]["ids"], state["tokens"]["info"])
+
+
+def steering_coeff(direction) -> float:
+    """The coefficient a direction was selected with (1.0, the paper's, for files that do not say)."""
+    return float(direction.info.get("coeff", 1.0))
 
 
 def lm_head_weight_rows(model) -> int:

@@ -14,8 +14,7 @@ from selfdistill.method_configs import SafeSteerConfig
 _HELP = "SafeSteer tools: the refusal direction, the safety tokens, the safety evaluation."
 
 
-def _refusal_data() -> DataConfig:
-    return DataConfig(tasks=["toy-refusal"])
+_REFUSAL_HELP = "The refusal task: toy-refusal, or refusal:HARMFUL_FILE,HARMLESS_FILE (JSONL / JSON / CSV)."
 
 
 @dataclass
@@ -23,7 +22,8 @@ class DirectionRunConfig:
     """``selfdistill safesteer direction``: find and save a model's refusal direction."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=_refusal_data)
+    refusal: str = field(default="toy-refusal", metadata={"help": _REFUSAL_HELP})
+    data: DataConfig = field(default_factory=DataConfig)
     safesteer: SafeSteerConfig = field(default_factory=SafeSteerConfig)
     out: str = field(default="safesteer", metadata={"help": "Folder for direction.safetensors/.json/.png."})
 
@@ -33,7 +33,8 @@ class TokensRunConfig:
     """``selfdistill safesteer tokens``: choose and save the safety tokens of a steered model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=_refusal_data)
+    refusal: str = field(default="toy-refusal", metadata={"help": _REFUSAL_HELP})
+    data: DataConfig = field(default_factory=DataConfig)
     safesteer: SafeSteerConfig = field(default_factory=SafeSteerConfig)
     out: str = field(default="safesteer/tokens.json", metadata={"help": "Output JSON."})
     seed: int = field(default=0, metadata={"help": "Seed of the steered samples."})
@@ -52,13 +53,15 @@ class SafetyEvalConfig:
     """``selfdistill safesteer eval``: refusal, over-refusal and capability of a model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=_refusal_data)
+    refusal: str = field(default="toy-refusal", metadata={"help": _REFUSAL_HELP})
+    data: DataConfig = field(default_factory=DataConfig)
     capability: list[str] = field(default_factory=_capability, metadata={
         "help": "Task specs whose greedy accuracy measures the capability kept (empty: none)."})
     eval: EvalConfig = field(default_factory=_safety_eval_cfg)
     steer: str = field(default="", metadata={
         "help": "A direction folder: add it (coeff x) at its block while generating (steering at inference)."})
-    coeff: float = field(default=1.0, metadata={"help": "Steering coefficient with --steer."})
+    coeff: float = field(default=0.0, metadata={
+        "help": "Steering coefficient with --steer (0 = the one the direction was selected with)."})
     json_out: str = field(default="", metadata={"help": "Also write the results (with per-item outcomes) here."})
 
 
@@ -80,11 +83,11 @@ def _dotted(ns, cls) -> dict:
     return {k: v for k, v in vars(ns).items() if k in names}
 
 
-def _refusal_task(data: DataConfig):
+def _refusal_task(spec: str, data: DataConfig):
     from selfdistill.methods.safesteer import refusal_task
-    from selfdistill.tasks.registry import build_tasks
+    from selfdistill.tasks.registry import build_task
 
-    return refusal_task(build_tasks(data))
+    return refusal_task([build_task(spec, data)])
 
 
 def run(ns) -> int:
@@ -97,7 +100,7 @@ def run(ns) -> int:
     if cmd == "direction":
         from selfdistill.methods.safesteer.direction import plot_direction, select_direction
 
-        task = _refusal_task(cfg.data)
+        task = _refusal_task(cfg.refusal, cfg.data)
         n = cfg.safesteer.n_direction + cfg.safesteer.n_select
         model, tok = load_model(cfg.model)
         d = select_direction(model, tok, [it.prompt for it in task.harmful_pool(n)],
@@ -108,16 +111,17 @@ def run(ns) -> int:
         return 0
     if cmd == "tokens":
         from selfdistill.methods.safesteer.direction import load_direction
+        from selfdistill.methods.safesteer import steering_coeff
         from selfdistill.methods.safesteer.tokens import choose_tokens
 
         if not cfg.safesteer.direction:
             raise ConfigError("safesteer tokens: pass --safesteer.direction DIR (from `selfdistill safesteer direction`)")
-        task = _refusal_task(cfg.data)
+        task = _refusal_task(cfg.refusal, cfg.data)
         d = load_direction(cfg.safesteer.direction)
         s = cfg.safesteer
         harmless = [it.prompt for it in task.harmless(s.n_direction + s.n_select + s.token_prompts)][-s.token_prompts:]
         model, tok = load_model(cfg.model)
-        toks = choose_tokens(model, tok, harmless, d.layer, d.vector, s, system, seed=cfg.seed)
+        toks = choose_tokens(model, tok, harmless, d.layer, d.vector, steering_coeff(d), s, system, seed=cfg.seed)
         toks.save(cfg.out)
         print(f"wrote {cfg.out}: " + " ".join(repr(t) for t in toks.info["text"]))
         return 0
@@ -125,11 +129,14 @@ def run(ns) -> int:
     from selfdistill.methods.safesteer.evaluate import format_safety, safety_eval
     from selfdistill.tasks.registry import build_task
 
-    task = _refusal_task(cfg.data)
+    task = _refusal_task(cfg.refusal, cfg.data)
     capability = [build_task(spec, cfg.data) for spec in cfg.capability]
     model, tok = load_model(cfg.model)
     d = load_direction(cfg.steer) if cfg.steer else None
-    res = safety_eval(model, tok, task, capability, cfg.eval, system, d, cfg.coeff)
+    from selfdistill.methods.safesteer import steering_coeff
+
+    coeff = cfg.coeff or (steering_coeff(d) if d is not None else 1.0)
+    res = safety_eval(model, tok, task, capability, cfg.eval, system, d, coeff)
     print(format_safety(res))
     if cfg.json_out:
         Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,11 @@ code uses it).
 2. Candidates: for every block ``l`` and post-instruction position ``p`` (the chat template's tokens after
    the user's text), ``r = mean_harmful - mean_harmless`` of the hidden state entering block ``l``.
 3. Selection on held-apart prompts: drop the last ``drop_last_layers`` of blocks; drop a candidate whose
-   ablation moves the harmless next-token distribution by KL > ``max_kl``, or whose addition (coeff 1 at
-   block ``l``) does not raise the harmless refusal score above 0; keep the one whose ablation lowers the
-   harmful refusal score most.
+   ablation moves the harmless next-token distribution by KL > ``max_kl``, or whose addition (``coeff`` x
+   at block ``l``) does not raise the harmless refusal score above 0; keep the one whose ablation lowers the
+   harmful refusal score most. The official code uses coeff 1; here coefficients are tried in order
+   (``safesteer.coeff``, default 1, 2, 4) and the first at which a candidate passes is kept, because a small
+   model's raw mean difference may be too weak at 1 (the toy model's is: no candidate passes there).
 """
 
 from __future__ import annotations
@@ -204,29 +206,41 @@ def _select(model, tokenizer, harmful, harmless, cfg, system, log, batch_size, r
     base_ok = last_logprobs(model, b_ok)
     base_h_score = float(refusal_score(last_logprobs(model, b_h), ref_ids).mean())
     base_ok_score = float(refusal_score(base_ok, ref_ids).mean())
-    cands: list[Candidate] = []
+    ablation = {}
     for layer in range(max_layer):
         for p in range(n_pos):
-            r = diff[layer, p]
-            with ablate_direction(model, r):
+            with ablate_direction(model, diff[layer, p]):
                 abl_h = float(refusal_score(last_logprobs(model, b_h), ref_ids).mean())
                 abl_ok = last_logprobs(model, b_ok)
-            kl = float((base_ok.exp() * (base_ok - abl_ok)).sum(-1).mean())
-            with add_direction(model, layer, r, cfg.coeff):
-                steer = float(refusal_score(last_logprobs(model, b_ok), ref_ids).mean())
-            reason = ("ablation KL %.3f > %.3g" % (kl, cfg.max_kl) if kl > cfg.max_kl
-                      else "steering does not induce refusal" if steer <= 0 else "")
+            ablation[layer, p] = (abl_h, float((base_ok.exp() * (base_ok - abl_ok)).sum(-1).mean()))
+    tried = []
+    for coeff in cfg.coeff:  # the first coefficient at which some candidate passes both filters
+        cands: list[Candidate] = []
+        for (layer, p), (abl_h, kl) in ablation.items():
+            r = diff[layer, p]
+            if kl > cfg.max_kl:
+                steer, reason = float("nan"), "ablation KL %.3f > %.3g" % (kl, cfg.max_kl)
+            else:
+                with add_direction(model, layer, r, coeff):
+                    steer = float(refusal_score(last_logprobs(model, b_ok), ref_ids).mean())
+                reason = "" if steer > 0 else "steering does not induce refusal"
             cands.append(Candidate(layer, p - n_pos, abl_h, steer, kl, float(r.norm()), not reason, reason))
-    passing = [c for c in cands if c.kept]
-    chosen = min(passing or cands, key=lambda c: c.ablation_refusal)
+        passing = [c for c in cands if c.kept]
+        tried.append({"coeff": coeff, "passing": len(passing)})
+        log(f"safesteer: coeff {coeff:g}: {len(passing)} of {len(cands)} candidates pass (KL <= {cfg.max_kl:g}, "
+            "steering induces refusal on harmless prompts)")
+        if passing:
+            break
     if not passing:
-        log("safesteer: WARNING no candidate passed the filters (KL and steering); using the one whose "
-            "ablation lowers harmful refusal most; see direction.json")
+        raise ConfigError(f"safesteer: no refusal-direction candidate passed the filters at coeff {cfg.coeff} "
+                          "(ablation KL and induced refusal on harmless prompts); try larger safesteer.coeff values "
+                          "or safesteer.max_kl")
+    chosen = min(passing, key=lambda c: c.ablation_refusal)
     vector = diff[chosen.layer, n_pos + chosen.position].clone()
     log(f"safesteer: direction at block {chosen.layer}, position {chosen.position}: harmful refusal score "
         f"{base_h_score:.2f} -> {chosen.ablation_refusal:.2f} ablated; harmless {base_ok_score:.2f} -> "
         f"{chosen.steering_refusal:.2f} steered; ablation KL {chosen.ablation_kl:.3f}; |r| {chosen.norm:.2f}")
-    info.update({"coeff": cfg.coeff, "passed_filters": bool(passing), "n_layers": n_layers,
+    info.update({"coeff": coeff, "coeff_tried": tried, "n_layers": n_layers,
                  "post_instruction_tokens": n_pos, "candidate_layers": max_layer,
                  "n_direction": [len(h_dir), len(ok_dir)], "n_select": [len(h_sel), len(ok_sel)],
                  "baseline_refusal_score": {"harmful": base_h_score, "harmless": base_ok_score},

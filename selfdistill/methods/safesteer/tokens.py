@@ -64,9 +64,9 @@ def vote(delta_NV: torch.Tensor, banned_V: torch.Tensor, vote_top: int, keep: in
 
 
 @torch.no_grad()
-def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector: torch.Tensor, cfg,
+def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector: torch.Tensor, coeff: float, cfg,
                   system: str | None = None, log: Callable[[str], None] = print, seed: int = 0) -> SafetyTokens:
-    """The safety tokens of ``model`` steered by ``vector`` at block ``layer`` (``cfg``: SafeSteerConfig)."""
+    """The safety tokens of ``model`` steered by ``coeff * vector`` at block ``layer`` (``cfg``: SafeSteerConfig)."""
     from selfdistill.rollout import SamplingConfig, generate
 
     prompts = [chat_prompt(tokenizer, p, system) for p in harmless[:cfg.token_prompts] for _ in range(cfg.token_samples)]
@@ -76,7 +76,7 @@ def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector:
     was = model.training
     model.eval()
     try:
-        with add_direction(model, layer, vector, cfg.coeff):
+        with add_direction(model, layer, vector, coeff):
             ro = generate(model, tokenizer, prompts, scfg, generator_seed=seed)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batch = make_batch(ro.prompt_ids, ro.completion_ids, pad)
@@ -84,7 +84,7 @@ def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector:
         batch = batch.to(device)
         mask = batch.completion_mask_BT[:, 1:].bool()  # positions predicting a generated token (EOS included)
         head = lm_head_weight(model).float()
-        with add_direction(model, layer, vector, cfg.coeff):
+        with add_direction(model, layer, vector, coeff):
             hs = forward_hidden(model, batch)[:, :-1][mask].float()
         hp = forward_hidden(model, batch)[:, :-1][mask].float()
     finally:
@@ -100,5 +100,5 @@ def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector:
         + " ".join(repr(t) for t in text[:20]) + (" ..." if len(ids) > 20 else ""))
     info = {"text": text, "votes": votes, "mean_delta": [float(delta[:, i].mean()) for i in ids],
             "positions": int(delta.shape[0]), "samples": len(ro.texts), "banned": int(banned.sum()),
-            "steered_samples": ro.texts[:16], "layer": layer, "coeff": cfg.coeff}
+            "steered_samples": ro.texts[:16], "layer": layer, "coeff": coeff}
     return SafetyTokens(ids, info)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The SafeSteer table (docs/methods/safesteer.md), 3 seeds on the toy world:
+#   base, steering at inference only, SafeSteer (reverse KL on the safety tokens), the full-vocabulary
+#   reverse KL to the same steered teacher, and SFT on refusal texts; each evaluated by `selfdistill
+#   safesteer eval` (refusal on forbidden requests in and out of the training categories, over-refusal on
+#   harmless look-alikes, greedy accuracy on toy math/code/mcqa test_id).
+# The direction and the safety tokens are found once on the base model and shared by every row.
+# Finished steps are reused: rerunning continues where it stopped.
+#
+#   bash scripts/safesteer_table.sh            # ~40 minutes on 2 cores
+set -euo pipefail
+OUT=${OUT:-results/tables/safesteer}
+SEEDS=${SEEDS:-0 1 2}
+N=${N:-500}
+THREADS=${THREADS:-2}
+export OMP_NUM_THREADS=$THREADS
+mkdir -p "$OUT/runs" "$OUT/eval"
+# Safety-token settings for a 472-token vocabulary (the paper's 200 votes / 50 kept / 1e-8 are for ~150k):
+TOK="--safesteer.min_prob 1e-3 --safesteer.vote_top 10 --safesteer.num_tokens 10"
+[ -f "$OUT/direction/direction.json" ] || selfdistill safesteer direction --out "$OUT/direction"
+[ -f "$OUT/direction/tokens.json" ] || \
+  selfdistill safesteer tokens --safesteer.direction "$OUT/direction" $TOK --out "$OUT/direction/tokens.json"
+EVAL="selfdistill safesteer eval --data.test_size $N --eval.max_items $N"
+[ -f "$OUT/eval/base.json" ] || $EVAL --json_out "$OUT/eval/base.json" > /dev/null
+[ -f "$OUT/eval/steer.json" ] || $EVAL --steer "$OUT/direction" --json_out "$OUT/eval/steer.json" > /dev/null
+# 100 harmful prompts, 8 per step x 8 samples (temperature 1), one epoch (13 steps), as the paper's recipe.
+COMMON="--data.tasks toy-refusal --steps 13 --batch_size 8 --micro_batch_size 64 --optim.lr 1e-4
+  --optim.warmup_steps 1 --onpolicy.samples_per_prompt 8 --rollout.temperature 1.0 --rollout.top_p 1.0
+  --rollout.top_k 0 --rollout.max_new_tokens 32 --eval_before false --eval_after false
+  --safesteer.direction $OUT/direction --safesteer.tokens $OUT/direction/tokens.json"
+for s in $SEEDS; do
+  for row in safesteer full sft; do
+    run="$OUT/runs/$row-s$s"
+    case $row in
+      safesteer) args="--method safesteer" ;;
+      full) args="--method safesteer --safesteer.vocabulary full --distill.kind reverse_kl" ;;
+      sft) args="--method sft" ;;
+    esac
+    [ -f "$run/model/config.json" ] || \
+      selfdistill train $args $COMMON --seed "$s" --output_dir "$run" --overwrite true > "$OUT/runs/$row-s$s.log" 2>&1
+    [ -f "$OUT/eval/$row-s$s.json" ] || $EVAL --model.path "$run/model" --json_out "$OUT/eval/$row-s$s.json" > /dev/null
+  done
+done
+python scripts/safesteer_summary.py "$OUT" > "$OUT/table.md"
+cat "$OUT/table.md"
