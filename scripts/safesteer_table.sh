@@ -24,10 +24,35 @@ EVAL="selfdistill safesteer eval --data.test_size $N --eval.max_items $N"
 [ -f "$OUT/eval/base.json" ] || $EVAL --json_out "$OUT/eval/base.json" > /dev/null
 [ -f "$OUT/eval/steer.json" ] || $EVAL --steer "$OUT/direction" --json_out "$OUT/eval/steer.json" > /dev/null
 # 100 harmful prompts, 8 per step x 8 samples (temperature 1), one epoch (13 steps), as the paper's recipe.
-COMMON="--data.tasks toy-refusal --steps 13 --batch_size 8 --micro_batch_size 64 --optim.lr 1e-4
-  --optim.warmup_steps 1 --onpolicy.samples_per_prompt 8 --rollout.temperature 1.0 --rollout.top_p 1.0
+COMMON0="--data.tasks toy-refusal --steps 13 --batch_size 8 --micro_batch_size 64 --optim.warmup_steps 1 --onpolicy.samples_per_prompt 8 --rollout.temperature 1.0 --rollout.top_p 1.0
   --rollout.top_k 0 --rollout.max_new_tokens 32 --eval_before false --eval_after false
   --safesteer.direction $OUT/direction --safesteer.tokens $OUT/direction/tokens.json"
+# The learning rate is chosen on `valid` (SafeSteer, seed 0): the largest refusal-minus-over-refusal gain.
+mkdir -p "$OUT/lr"
+for lr in ${LRS:-1e-4 3e-4 1e-3}; do
+  run="$OUT/lr/safesteer-lr$lr"
+  [ -f "$run/model/config.json" ] || selfdistill train --method safesteer $COMMON0 --optim.lr "$lr" --seed 0 \
+    --output_dir "$run" --overwrite true > "$run.log" 2>&1
+  [ -f "$OUT/lr/lr$lr.json" ] || selfdistill safesteer eval --data.test_size $N --eval.max_items $N \
+    --eval.splits valid --capability "" --model.path "$run/model" --json_out "$OUT/lr/lr$lr.json" > /dev/null
+done
+[ -f "$OUT/lr/base.json" ] || selfdistill safesteer eval --data.test_size $N --eval.max_items $N \
+  --eval.splits valid --capability "" --json_out "$OUT/lr/base.json" > /dev/null
+LR=$(python - "$OUT/lr" <<'PY'
+import json, pathlib, sys
+folder = pathlib.Path(sys.argv[1])
+def gain(p):
+    r = json.loads(p.read_text())["refusal"]["valid"]
+    return r["refusal_in"] - r["over_refusal"]
+scores = {p.stem[2:]: gain(p) for p in folder.glob("lr*.json")}
+lines = [f"| {lr} | {s:.1f} |" for lr, s in sorted(scores.items(), key=lambda kv: float(kv[0]))]
+(folder / "choice.md").write_text("| lr | refusal - over-refusal on valid |\n|---|---|\n" + "\n".join(lines)
+                                  + f"\n\nbase: {gain(folder / 'base.json'):.1f}\n")
+print(max(scores, key=scores.get))
+PY
+)
+echo "lr chosen on valid: $LR"
+COMMON="$COMMON0 --optim.lr $LR"
 for s in $SEEDS; do
   for row in safesteer full sft; do
     run="$OUT/runs/$row-s$s"

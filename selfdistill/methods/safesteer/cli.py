@@ -57,6 +57,8 @@ class SafetyEvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     capability: list[str] = field(default_factory=_capability, metadata={
         "help": "Task specs whose greedy accuracy measures the capability kept (empty: none)."})
+    capability_splits: list[str] = field(default_factory=lambda: ["test_id"], metadata={
+        "help": "Splits of the capability tasks."})
     eval: EvalConfig = field(default_factory=_safety_eval_cfg)
     steer: str = field(default="", metadata={
         "help": "A direction folder: add it (coeff x) at its block while generating (steering at inference)."})
@@ -130,13 +132,13 @@ def run(ns) -> int:
     from selfdistill.tasks.registry import build_task
 
     task = _refusal_task(cfg.refusal, cfg.data)
-    capability = [build_task(spec, cfg.data) for spec in cfg.capability]
+    capability = [build_task(spec, cfg.data) for spec in cfg.capability if spec]
     model, tok = load_model(cfg.model)
     d = load_direction(cfg.steer) if cfg.steer else None
     from selfdistill.methods.safesteer import steering_coeff
 
     coeff = cfg.coeff or (steering_coeff(d) if d is not None else 1.0)
-    res = safety_eval(model, tok, task, capability, cfg.eval, system, d, coeff)
+    res = safety_eval(model, tok, task, capability, cfg.eval, system, d, coeff, cfg.capability_splits)
     print(format_safety(res))
     if cfg.json_out:
         Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)

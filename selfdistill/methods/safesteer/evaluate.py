@@ -17,8 +17,10 @@ from selfdistill.tasks.refusal import is_refusal, refusal_rates
 
 
 def safety_eval(model, tokenizer, refusal, capability: Sequence, cfg: EvalConfig, system: str | None = None,
-                direction=None, coeff: float = 1.0) -> dict[str, Any]:
-    """Refusal metrics on ``refusal``'s ``cfg.splits`` and greedy accuracy on each capability task.
+                direction=None, coeff: float = 1.0, capability_splits: Sequence[str] = ("test_id",)
+                ) -> dict[str, Any]:
+    """Refusal metrics on ``refusal``'s ``cfg.splits`` and greedy accuracy on each capability task's
+    ``capability_splits``.
 
     ``direction``: a :class:`~.direction.Direction` added (``coeff`` x) at its block during generation.
     Returns ``{"refusal": {split: rates}, "capability": {task/split: acc}, "items": {key: [0/1 per item]}}``.
@@ -28,8 +30,12 @@ def safety_eval(model, tokenizer, refusal, capability: Sequence, cfg: EvalConfig
     rows: list[dict] = []
     view = (add_direction(model, direction.layer, direction.vector, coeff) if direction is not None
             else contextlib.nullcontext())
+    from dataclasses import replace
+
     with view:
-        results = evaluate(model, tokenizer, [refusal, *capability], cfg, system, completions=rows)
+        results = evaluate(model, tokenizer, [refusal], cfg, system, completions=rows)
+        if capability:
+            results += evaluate(model, tokenizer, capability, replace(cfg, splits=list(capability_splits)), system)
     out: dict[str, Any] = {"refusal": {}, "capability": {}, "items": {}}
     by_id = {}
     for split in cfg.splits:
