@@ -65,8 +65,11 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path):
         return AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")
 
     a, b = run(4, "big"), run(1, "small")
+    # Adam's first step is ~lr * sign(g) where |g| >> eps, but where a gradient is near zero the summation
+    # order's rounding is amplified by 1/sqrt(v): 1e-5 is 1% of the lr (a wrong normalisation moves every
+    # weight by a large share of it).
     for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
 
 
 def test_rejected_run_writes_nothing(tiny_model_dir, tmp_path):
