@@ -13,18 +13,19 @@ OUT=${OUT:-results/tables/safesteer}
 SEEDS=${SEEDS:-0 1 2}
 N=${N:-500}
 THREADS=${THREADS:-2}
+MODEL=${MODEL:-toy}   # the model every row starts from (a folder, a hub id, or toy = the shipped toy model)
 export OMP_NUM_THREADS=$THREADS
 mkdir -p "$OUT/runs" "$OUT/eval"
 # Safety-token settings for a 472-token vocabulary (the paper's 200 votes / 50 kept / 1e-8 are for ~150k):
 TOK="--safesteer.min_prob 1e-3 --safesteer.vote_top 10 --safesteer.num_tokens 10"
-[ -f "$OUT/direction/direction.json" ] || selfdistill safesteer direction --out "$OUT/direction"
+[ -f "$OUT/direction/direction.json" ] || selfdistill safesteer direction --model.path "$MODEL" --out "$OUT/direction"
 [ -f "$OUT/direction/tokens.json" ] || \
-  selfdistill safesteer tokens --safesteer.direction "$OUT/direction" $TOK --out "$OUT/direction/tokens.json"
+  selfdistill safesteer tokens --model.path "$MODEL" --safesteer.direction "$OUT/direction" $TOK --out "$OUT/direction/tokens.json"
 EVAL="selfdistill safesteer eval --data.test_size $N --eval.max_items $N"
-[ -f "$OUT/eval/base.json" ] || $EVAL --json_out "$OUT/eval/base.json" > /dev/null
-[ -f "$OUT/eval/steer.json" ] || $EVAL --steer "$OUT/direction" --json_out "$OUT/eval/steer.json" > /dev/null
+[ -f "$OUT/eval/base.json" ] || $EVAL --model.path "$MODEL" --json_out "$OUT/eval/base.json" > /dev/null
+[ -f "$OUT/eval/steer.json" ] || $EVAL --model.path "$MODEL" --steer "$OUT/direction" --json_out "$OUT/eval/steer.json" > /dev/null
 # 100 harmful prompts, 8 per step x 8 samples (temperature 1), one epoch (13 steps), as the paper's recipe.
-COMMON0="--data.tasks toy-refusal --steps 13 --batch_size 8 --micro_batch_size 64 --optim.warmup_steps 1 --onpolicy.samples_per_prompt 8 --rollout.temperature 1.0 --rollout.top_p 1.0
+COMMON0="--model.path $MODEL --data.tasks toy-refusal --steps 13 --batch_size 8 --micro_batch_size 64 --optim.warmup_steps 1 --onpolicy.samples_per_prompt 8 --rollout.temperature 1.0 --rollout.top_p 1.0
   --rollout.top_k 0 --rollout.max_new_tokens 32 --eval_before false --eval_after false
   --safesteer.direction $OUT/direction --safesteer.tokens $OUT/direction/tokens.json"
 # The learning rate is chosen on `valid` (SafeSteer, seed 0): the largest refusal-minus-over-refusal gain.
@@ -37,7 +38,7 @@ for lr in ${LRS:-1e-4 3e-4 1e-3}; do
     --eval.splits valid --capability "" --model.path "$run/model" --json_out "$OUT/lr/lr$lr.json" > /dev/null
 done
 [ -f "$OUT/lr/base.json" ] || selfdistill safesteer eval --data.test_size $N --eval.max_items $N \
-  --eval.splits valid --capability "" --json_out "$OUT/lr/base.json" > /dev/null
+  --eval.splits valid --capability "" --model.path "$MODEL" --json_out "$OUT/lr/base.json" > /dev/null
 LR=$(python - "$OUT/lr" <<'PY'
 import json, pathlib, sys
 folder = pathlib.Path(sys.argv[1])
