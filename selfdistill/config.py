@@ -81,11 +81,22 @@ class DataConfig:
     tasks: list[str] = field(default_factory=lambda: ["toy-math", "toy-code", "toy-mcqa"], metadata={
         "help": "Task specs: toy-math|toy-code|toy-mcqa, nl-math|nl-code|nl-mcqa, humaneval, jsonl:PATH[:domain], "
                 "hf:NAME[:config], hf:FORMAT@FILE."})
+    columns: list[str] = field(default_factory=list, metadata={
+        "help": "jsonl: tasks: our field=the file's column, e.g. prompt=question,answer=label (fields: prompt, "
+                "solution, answer, id, domain, meta). Rows need no answer unless something reads it."})
     seed: int = field(default=0, metadata={"help": "Seed of the toy world's items."})
     train_size: int = field(default=4000, metadata={"help": "Toy train items per domain."})
     test_size: int = field(default=100, metadata={"help": "Toy test items per split and domain."})
 
+    def column_map(self) -> dict[str, str]:
+        """``columns`` as {our field: the file's column}."""
+        return {a.strip(): b.strip() for a, _, b in (p.partition("=") for p in self.columns)}
+
     def __post_init__(self) -> None:
+        for pair in self.columns:
+            ours, eq, theirs = pair.partition("=")
+            if not eq or not ours.strip() or not theirs.strip():
+                raise ValueError(f"data.columns: {pair!r} is not field=column (e.g. prompt=question)")
         for name, least in (("seed", 0), ("train_size", 1), ("test_size", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"data.{name} must be >= {least}, got {getattr(self, name)}")

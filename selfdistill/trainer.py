@@ -202,6 +202,7 @@ def _prepare_run(cfg: TrainConfig):
     validation.check_items(cfg, tasks, evaluated=evaluated)
     if getattr(method_cls, "requires_solution", False):
         validation.check_solutions(cfg, tasks)
+    validation.check_answers(cfg, method_cls, tasks, evaluated)
     validation.check_models_and_prompts(cfg, method_cls, tasks)
     method_cls.check(cfg, tasks)  # the method's own settings and data (default: nothing)
     return method_cls, tasks

@@ -46,23 +46,42 @@ def check_items(cfg: Any, tasks: Sequence[Task], train: bool = True, evaluated: 
                                   "add items or drop the split from --eval.splits")
 
 
+def _check_field(cfg: TrainConfig, tasks: Sequence[Task], field: str, splits: Sequence[str], need: str) -> None:
+    """Every item of ``splits`` has a non-empty ``field`` (``solution`` / ``answer``); else one line naming
+    the file, row and field where the task is a JSONL file."""
+    for spec, task in zip(cfg.data.tasks, tasks):
+        for split in splits:
+            missing = next((it for it in task.items(split) if not (getattr(it, field) or "").strip()), None)
+            if missing is None:
+                continue
+            files = getattr(task, "files", None) or {}
+            if split in files:  # a JSONL task: re-read with the field required, for file/row/field
+                from selfdistill.tasks.loaders import TaskDataError, load_jsonl
+
+                options = {**getattr(task, "_options", {}), f"require_{field}": True}
+                try:
+                    load_jsonl(files[split], **options)
+                except TaskDataError as e:
+                    raise ConfigError(f"{e}; {need}") from None
+            raise ConfigError(f"data.tasks {spec!r}: {split} item {missing.id!r}, field {field!r}: missing; {need}")
+
+
 def check_solutions(cfg: TrainConfig, tasks: Sequence[Task]) -> None:
     """Every train item has a reference solution (the method needs it)."""
-    for spec, task in zip(cfg.data.tasks, tasks):
-        missing = next((it for it in task.items("train") if not (it.solution or "").strip()), None)
-        if missing is None:
-            continue
-        need = f"method {cfg.method} needs a reference solution in every train row"
-        files = getattr(task, "files", None) or {}
-        if "train" in files:  # a JSONL task: re-read with the solution required, for file/row/field
-            from selfdistill.tasks.loaders import TaskDataError, load_jsonl
+    _check_field(cfg, tasks, "solution", ["train"], f"method {cfg.method} needs a reference solution in every train row")
 
-            options = {**getattr(task, "_options", {}), "require_solution": True}
-            try:
-                load_jsonl(files["train"], **options)
-            except TaskDataError as e:
-                raise ConfigError(f"{e}; {need}") from None
-        raise ConfigError(f"data.tasks {spec!r}: train item {missing.id!r}, field 'solution': missing; {need}")
+
+def check_answers(cfg: TrainConfig, method_cls: Any, tasks: Sequence[Task], evaluated: bool) -> None:
+    """Answers where something reads them: every train item for a method that rewards rollouts with the
+    verifier, every evaluated item when evaluation is on. Label-free runs (SPD, SSD, SFT, OPSD, ... with
+    evaluation off) need none."""
+    if getattr(method_cls, "needs_rewards", False):
+        _check_field(cfg, tasks, "answer", ["train"],
+                     f"method {cfg.method} rewards its rollouts with the verifier, which needs every train row's answer")
+    if evaluated:
+        _check_field(cfg, tasks, "answer", list(cfg.eval.splits),
+                     "evaluation checks completions against the answer; add answers or run without evaluation "
+                     "(--eval_before false --eval_after false)")
 
 
 def _context_length(model_cfg: Any) -> int | None:

@@ -358,10 +358,17 @@ def _load_rows(name_or_path: str, split: str, config: str | None, fmt: str) -> A
         builder = _LOCAL_BUILDERS[local_suffix(path) or ""]
         return datasets.load_dataset(builder, data_files=str(path), split="train")  # gunzips .gz itself
     config = config or FORMATS[fmt].default_config
-    if config is None and "hendrycks_math" in name_or_path.lower():
-        parts = [datasets.load_dataset(name_or_path, s, split=split) for s in MATH_SUBJECTS]
-        return datasets.concatenate_datasets(parts)
-    return datasets.load_dataset(name_or_path, config, split=split)
+    try:
+        if config is None and "hendrycks_math" in name_or_path.lower():
+            parts = [datasets.load_dataset(name_or_path, s, split=split) for s in MATH_SUBJECTS]
+            return datasets.concatenate_datasets(parts)
+        return datasets.load_dataset(name_or_path, config, split=split)
+    except (ConnectionError, OSError, ValueError) as e:  # offline, unknown name, no such split/config
+        if isinstance(e, ValueError) and "split" in str(e).lower():
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TaskDataError(f"hf:{name_or_path}: cannot load it from the Hugging Face Hub ({first[:200]}); "
+                            f"offline, download the file and use hf:{fmt}@FILE") from None
 
 
 def load_hf_task(
@@ -414,6 +421,9 @@ class FileTask:
     ) -> None:
         if not files:
             raise ValueError("FileTask needs at least one split file")
+        unknown = sorted(set(columns or {}) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; known: {', '.join(FIELDS)}")
         self.files = {split: Path(p) for split, p in files.items()}
         self.name = name or data_stem(next(iter(self.files.values())))
         self.domain = domain

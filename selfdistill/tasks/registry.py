@@ -102,7 +102,11 @@ def build_task(spec: str, data: DataConfig) -> Task:
             files = {"train": path}
         else:
             raise ConfigError(f"data.tasks: {spec!r}: {path} does not exist")
-        return FileTask(files, name=data_stem(path) if path.is_file() else path.name, domain=domain)
+        try:
+            return FileTask(files, name=data_stem(path) if path.is_file() else path.name, domain=domain,
+                            columns=data.column_map(), require_answer=False)
+        except ValueError as e:  # an unknown field name in data.columns
+            raise ConfigError(f"data.columns: {e}") from None
     if spec.startswith("hf:"):
         from selfdistill.tasks.loaders import HFTask, is_local
 
