@@ -254,23 +254,28 @@ def plot_direction(direction: Direction, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cands = direction.info.get("candidates", [])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for pos in sorted({c["position"] for c in cands}):
+    positions = sorted({c["position"] for c in cands})
+    colors = plt.cm.viridis([i / max(1, len(positions) - 1) for i in range(len(positions))])
+    for pos, color in zip(positions, colors):
         rows = sorted((c for c in cands if c["position"] == pos), key=lambda c: c["layer"])
         layers = [c["layer"] for c in rows]
-        axes[0].plot(layers, [c["ablation_refusal"] for c in rows], marker="o", label=f"pos {pos}")
-        axes[1].plot(layers, [c["steering_refusal"] for c in rows], marker="o", label=f"pos {pos}")
+        axes[0].plot(layers, [c["ablation_refusal"] for c in rows], marker="o", color=color, label=f"pos {pos}")
+        axes[1].plot(layers, [c["steering_refusal"] for c in rows], marker="o", color=color, label=f"pos {pos}")
     base = direction.info.get("baseline_refusal_score", {})
     for ax, key, title in ((axes[0], "harmful", "harmful, direction ablated (lower = better)"),
-                           (axes[1], "harmless", "harmless, direction added (> 0 needed)")):
+                           (axes[1], "harmless", f"harmless, {direction.info.get('coeff', 1.0):g} x direction added "
+                                                 "(> 0 needed)")):
         if key in base:
             ax.axhline(base[key], color="gray", ls="--", lw=1, label="no edit")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("block")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("refusal score")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=6, ncol=2)
     fig.suptitle(f"refusal direction candidates (chosen: block {direction.layer}, position {direction.position})",
                  fontsize=10)
     fig.tight_layout()
