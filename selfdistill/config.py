@@ -54,6 +54,9 @@ class LoraSettings:
     alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     target_modules: str = field(default="all-linear", metadata={"help": "Comma list of module names, or all-linear."})
+    save_merged: bool = field(default=False, metadata={
+        "help": "Also save the base with the adapter merged in, as a plain model, in the run's merged/ folder "
+                "(model/ always holds the adapter; every --model.path accepts either)."})
 
     def __post_init__(self) -> None:
         if self.r < 1:

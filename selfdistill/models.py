@@ -6,6 +6,8 @@ before loading so a wrong folder or a non-causal-LM fails with one clear line.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -78,12 +80,33 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, setting: str = "m
     return tok
 
 
+def adapter_base(path: str | Path) -> str | None:
+    """The base model a PEFT adapter folder names (``adapter_config.json`` and no ``config.json``), else None."""
+    p = Path(path)
+    if not (p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").exists()):
+        return None
+    try:
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}/adapter_config.json: cannot read it ({_first_line(e)})") from None
+    if not base:
+        raise ConfigError(f"{p}/adapter_config.json names no base_model_name_or_path")
+    return str(base)
+
+
 def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
-    """(model, tokenizer) for ``cfg``; LoRA-wrapped when ``cfg.lora.enabled``."""
+    """(model, tokenizer) for ``cfg``; LoRA-wrapped when ``cfg.lora.enabled``.
+
+    ``cfg.path`` may be a LoRA adapter folder (a LoRA run's ``model/``): its base is loaded and the adapter
+    merged in, or, with ``cfg.lora.enabled``, kept as a trainable adapter (training continues on it).
+    """
     quiet_transformers()
-    path = resolve_model_path(cfg.path)
-    check_causal_lm(path, cfg.trust_remote_code)
-    tok = load_tokenizer(path, cfg.trust_remote_code)
+    adapter = resolve_model_path(cfg.path)
+    base = adapter_base(adapter)
+    path = resolve_model_path(base) if base is not None else adapter
+    check_causal_lm(path, cfg.trust_remote_code, "model.path" if base is None else f"model.path {cfg.path}: its base")
+    has_tok = base is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tok = load_tokenizer(adapter if has_tok else path, cfg.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype],
                                                      trust_remote_code=cfg.trust_remote_code)
@@ -91,9 +114,27 @@ def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
         raise ConfigError(f"model.path {cfg.path}: cannot load the model ({_first_line(e)})") from None
     if device is not None:
         model.to(device)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=cfg.lora.enabled)
+        if cfg.lora.enabled:
+            return model, tok
+        merged = model.merge_and_unload()
+        for q in merged.parameters():  # PEFT froze the base; a merged model trains like any other
+            q.requires_grad_(True)
+        return merged, tok
     if cfg.lora.enabled:
         model = wrap_lora(model, cfg.lora)
     return model, tok
+
+
+def portable_base(spec: str) -> str:
+    """What an adapter should name as its base: ``toy`` and hub ids as given, local folders absolute."""
+    if spec in ("toy", "", None):
+        return "toy"
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
 
 
 def wrap_lora(model, cfg: LoraSettings):

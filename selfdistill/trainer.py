@@ -254,9 +254,33 @@ def _open_run_folder(cfg: TrainConfig, accelerator: Accelerator,
     return cfg, runlog, lock
 
 
-def _write_model(folder: Path, model, tok) -> None:
-    """The final model in Hugging Face format (the adapter for a LoRA run) and its tokenizer, in ``folder``."""
+def _write_model(folder: Path, model, tok, base_spec: str | None = None) -> None:
+    """The final model in Hugging Face format (the adapter for a LoRA run) and its tokenizer, in ``folder``.
+
+    An adapter names its base portably (``base_spec``: ``toy`` or a hub id as given, a local folder
+    absolute), not the resolved path of this machine's package."""
     unwrap_for_save(model).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    conf = folder / "adapter_config.json"
+    if base_spec is not None and conf.is_file():
+        import json
+
+        from selfdistill.models import portable_base
+
+        data = json.loads(conf.read_text())
+        data["base_model_name_or_path"] = portable_base(base_spec)
+        conf.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_merged(folder: Path, adapter: Path, cfg: TrainConfig) -> None:
+    """The base with the saved adapter merged in, built on the CPU from the files (no second copy of the
+    training model on its device)."""
+    from dataclasses import replace
+
+    from selfdistill.models import load_model
+
+    merged, tok = load_model(replace(cfg.model, path=str(adapter), lora=replace(cfg.model.lora, enabled=False)))
+    merged.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
 
 
@@ -468,7 +492,9 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
     if accelerator.is_main_process:
         if saved_at != cfg.steps:
             checkpoint(cfg.steps)
-        publish_dir(out / "model", lambda tmp: _write_model(tmp, model, tok))
+        publish_dir(out / "model", lambda tmp: _write_model(tmp, model, tok, cfg.model.path))
+        if cfg.model.lora.enabled and cfg.model.lora.save_merged:
+            publish_dir(out / "merged", lambda tmp: _write_merged(tmp, out / "model", cfg))
     after = None
     if cfg.eval_after:
         signals.phase = "the last evaluation"

@@ -210,13 +210,16 @@ def _where(spec: str, task: Task, split: str, item: Item) -> str:
 
 def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence[Task]) -> None:
     """Student and teacher models are loadable causal LMs with one vocabulary; prompts fit the context."""
-    from selfdistill.models import check_causal_lm, load_tokenizer, resolve_model_path
+    from selfdistill.models import adapter_base, check_causal_lm, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(cfg.model.path)
+    given = resolve_model_path(cfg.model.path)
+    base = adapter_base(given)  # a LoRA adapter folder: its base is the model checked here
+    path = resolve_model_path(base) if base is not None else given
     trust = cfg.model.trust_remote_code
-    model_cfg = check_causal_lm(path, trust)
+    model_cfg = check_causal_lm(path, trust, "model.path" if base is None else f"model.path {cfg.model.path}: its base")
     _check_weights(path, "model.path", model_cfg, trust)
-    tok = check_tokenizer(path, trust)
+    tok = check_tokenizer(given if base is not None and (Path(given) / "tokenizer_config.json").is_file() else path,
+                          trust)
 
     if cfg.teacher.path:
         from selfdistill.methods.base import REGISTRY

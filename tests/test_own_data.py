@@ -62,3 +62,34 @@ def test_offline_hub_dataset_is_one_line(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(TaskDataError, match=r"cannot load it from the Hugging Face Hub.*hf:gsm8k@FILE"):
         HFTask("selfdistill-no-such-org/gsm8k", splits={"train": "train"}, format="gsm8k").items("train")
+
+
+def test_lora_run_outputs_load_everywhere(tiny_model_dir, tmp_path):
+    """#15 item 5: a LoRA run's model/ (the adapter, naming its base portably) and merged/ load through every
+    --model.path, and give the same greedy completions."""
+    import torch
+
+    from selfdistill.config import ModelConfig
+    from selfdistill.models import load_model
+    from selfdistill.trainer import train
+    from test_trainer import tiny_cfg
+
+    out = tmp_path / "lora"
+    cfg = tiny_cfg(tiny_model_dir, out, eval_before=False, eval_after=False, **{
+        "model.lora.enabled": True, "model.lora.r": 4, "model.lora.save_merged": True, "optim.lr": 5e-2})
+    train(cfg, log=lambda s: None)
+    conf = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(__import__("pathlib").Path(tiny_model_dir).resolve())
+    assert not (out / "model" / "config.json").exists() and (out / "merged" / "config.json").exists()
+    a, tok = load_model(ModelConfig(path=str(out / "model")))
+    b, _ = load_model(ModelConfig(path=str(out / "merged")))
+    base, _ = load_model(ModelConfig(path=tiny_model_dir))
+    ids = torch.tensor([tok("Compute 12+3").input_ids])
+    with torch.no_grad():
+        la, lb, l0 = (m(input_ids=ids).logits for m in (a, b, base))
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(la, l0, atol=1e-4)  # the adapter did change the model
+    # The adapter folder trains on (LoRA kept) and evaluates (merged) like a plain model folder.
+    again = tiny_cfg(tiny_model_dir, tmp_path / "again", eval_before=True, eval_after=False,
+                     **{"model.path": str(out / "model")})
+    assert train(again, log=lambda s: None).steps == 2

@@ -79,15 +79,11 @@ def _is_adapter(p: Path) -> bool:
 
 
 def _merged_adapter(p: Path) -> dict[str, torch.Tensor]:
-    """The base weights with a LoRA adapter merged in (W + scale * B A), by PEFT."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    """The base weights with a LoRA adapter merged in (W + scale * B A), by PEFT (:func:`load_model`)."""
+    from selfdistill.config import ModelConfig
+    from selfdistill.models import load_model
 
-    base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-    from selfdistill.models import resolve_model_path
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), torch_dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    merged, _ = load_model(ModelConfig(path=str(p), dtype="float32"))
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 
