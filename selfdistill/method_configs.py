@@ -335,16 +335,20 @@ class SafeSteerConfig:
                 "to the steered teacher (the 'global' baseline; the distill section is then used)."})
     renormalise: bool = field(default=False, metadata={
         "help": "Renormalise student and teacher over the safety tokens before the KL (the paper's loss does not)."})
-    n_direction: int = field(default=128, metadata={"help": "Harmful and harmless prompts each for the mean difference."})
-    n_select: int = field(default=32, metadata={"help": "Harmful and harmless prompts each for choosing the candidate."})
-    drop_last_layers: float = field(default=0.2, metadata={"help": "Candidates in the last share of blocks are dropped."})
+    n_direction: int = field(default=128, metadata={
+        "help": "Harmful and harmless prompts each for the mean difference."})
+    n_select: int = field(default=32, metadata={
+        "help": "Harmful and harmless prompts each for choosing the candidate."})
+    drop_last_layers: float = field(default=0.2, metadata={
+        "help": "Candidates in the last share of blocks are dropped."})
     max_kl: float = field(default=0.1, metadata={
         "help": "Drop candidates whose ablation moves the harmless next-token distribution by more than this KL."})
     filter_prompts: bool = field(default=True, metadata={
         "help": "Keep only harmful prompts the model already leans to refuse (refusal score > 0) and harmless "
                 "ones it does not (< 0) for the mean difference, when at least 8 of each remain."})
     num_tokens: int = field(default=50, metadata={"help": "Safety tokens kept."})
-    vote_top: int = field(default=200, metadata={"help": "Each position votes for its top this-many tokens by log-ratio."})
+    vote_top: int = field(default=200, metadata={
+        "help": "Each position votes for its top this-many tokens by log-ratio."})
     token_prompts: int = field(default=64, metadata={"help": "Harmless prompts the steered model continues to vote."})
     token_samples: int = field(default=8, metadata={"help": "Samples per prompt (temperature 1)."})
     token_new: int = field(default=6, metadata={"help": "Tokens generated per sample."})
@@ -361,4 +365,5 @@ class SafeSteerConfig:
         if not self.coeff or any(not (c > 0) for c in self.coeff):
             raise ValueError(f"safesteer.coeff must be a non-empty list of numbers > 0, got {self.coeff}")
         if self.vote_top < self.num_tokens:
-            raise ValueError(f"safesteer.vote_top ({self.vote_top}) must be >= safesteer.num_tokens ({self.num_tokens})")
+            raise ValueError(f"safesteer.vote_top ({self.vote_top}) must be >= safesteer.num_tokens "
+                             f"({self.num_tokens})")

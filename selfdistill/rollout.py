@@ -85,16 +85,28 @@ def _eos_ids(tokenizer, model) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
-             generator_seed: int | None = None, progress=None) -> Rollouts:
+             generator_seed: int | None = None, progress=None, desc: str | None = None) -> Rollouts:
     """Sample one completion per formatted prompt, in batches, left-padded.
 
     Completions are cut after the first EOS (kept, so SFT learns to stop);
-    ``texts`` are decoded without special tokens.
+    ``texts`` are decoded without special tokens. ``progress``: called with each batch's size; ``desc``
+    (without ``progress``): show a progress bar of that name over the completions (a phase longer than a
+    few seconds: SPD's probe, SSD's dataset, a skill bank).
     """
     import torch
 
-    with torch.no_grad():
-        return _generate(model, tokenizer, prompts, cfg, generator_seed, progress)
+    bar = None
+    if desc is not None and progress is None and len(prompts) > cfg.batch_size:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=desc, unit="completion", dynamic_ncols=True, leave=False)
+        progress = bar.update
+    try:
+        with torch.no_grad():
+            return _generate(model, tokenizer, prompts, cfg, generator_seed, progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, generator_seed: int | None,

@@ -68,7 +68,8 @@ def _check_field(cfg: TrainConfig, tasks: Sequence[Task], field: str, splits: Se
 
 def check_solutions(cfg: TrainConfig, tasks: Sequence[Task]) -> None:
     """Every train item has a reference solution (the method needs it)."""
-    _check_field(cfg, tasks, "solution", ["train"], f"method {cfg.method} needs a reference solution in every train row")
+    _check_field(cfg, tasks, "solution", ["train"],
+                 f"method {cfg.method} needs a reference solution in every train row")
 
 
 def check_answers(cfg: TrainConfig, method_cls: Any, tasks: Sequence[Task], evaluated: bool) -> None:
@@ -77,7 +78,8 @@ def check_answers(cfg: TrainConfig, method_cls: Any, tasks: Sequence[Task], eval
     evaluation off) need none."""
     if getattr(method_cls, "needs_rewards", False):
         _check_field(cfg, tasks, "answer", ["train"],
-                     f"method {cfg.method} rewards its rollouts with the verifier, which needs every train row's answer")
+                     f"method {cfg.method} rewards its rollouts with the verifier, which needs every train "
+                     "row's answer")
     if evaluated:
         _check_field(cfg, tasks, "answer", list(cfg.eval.splits),
                      "evaluation checks completions against the answer; add answers or run without evaluation "

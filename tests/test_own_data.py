@@ -35,7 +35,8 @@ def test_answers_are_required_where_they_are_read(tiny_model_dir, tmp_path):
         train(tiny(tiny_model_dir, tmp_path / "g", method="grpo", **over, **{"onpolicy.samples_per_prompt": 2}),
               log=lambda s: None)
     with pytest.raises(ConfigError, match="evaluation checks completions against the answer"):
-        train(tiny(tiny_model_dir, tmp_path / "e", method="ssd", **over, eval_before=True, **{"eval.splits": ["train"]}),
+        train(tiny(tiny_model_dir, tmp_path / "e", method="ssd", **over, eval_before=True,
+                   **{"eval.splits": ["train"]}),
               log=lambda s: None)
     assert not (tmp_path / "g").exists() and not (tmp_path / "e").exists()
 

@@ -91,7 +91,7 @@ def test_vote_keeps_most_voted_and_bans():
 
 def test_toy_refusal_task_and_rates():
     from selfdistill.config import DataConfig
-    from selfdistill.tasks.refusal import RefusalTask, is_refusal, load_instructions, refusal_rates
+    from selfdistill.tasks.refusal import RefusalTask, is_refusal, refusal_rates
     from selfdistill.tasks.registry import build_task
 
     t = build_task("toy-refusal:20", DataConfig(test_size=200))
@@ -126,7 +126,8 @@ def test_instruction_files(tmp_path):
         load_instructions(tmp_path / "bad.jsonl")
     t = build_task(f"refusal:{tmp_path / 'pku.jsonl'},{tmp_path / 'alpaca.json'}", DataConfig())
     assert len(t.items("train")) == 8 and len(t.items("test_id")) == 2
-    assert {it.prompt for it in t.items("train")} | {it.prompt for it in t.items("test_id")} == {f"harm {i}" for i in range(10)}
+    seen = {it.prompt for it in t.items("train")} | {it.prompt for it in t.items("test_id")}
+    assert seen == {f"harm {i}" for i in range(10)}
     assert [it.prompt for it in t.harmless(3)] == ["help 0", "help 1", "help 2"]
 
 

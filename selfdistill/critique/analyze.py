@@ -116,7 +116,8 @@ def analyze(cfg: AnalyzeConfig, log: Callable[[str], None] = print) -> Path:
     items = ToyTask("math", seed=cfg.data_seed, test_size=max(cfg.items, 1)).items(cfg.split)[: cfg.items]
     its = [it for it in items for _ in range(cfg.samples)]
     torch.manual_seed(cfg.seed)
-    ro = generate(model, tok, [chat_prompt(tok, it.prompt, system) for it in its], cfg.rollout)
+    ro = generate(model, tok, [chat_prompt(tok, it.prompt, system) for it in its], cfg.rollout,
+                  desc="critique rollouts")
     crits = [exact_critique(it, t, chain=cfg.critique.chain) for it, t in zip(its, ro.texts)]
     correct = [bool(verify_item(it, t)) for it, t in zip(its, ro.texts)]
     labels = [token_labels(tok, ids, t, c) for ids, t, c in zip(ro.completion_ids, ro.texts, crits)]

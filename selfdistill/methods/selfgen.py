@@ -58,7 +58,7 @@ class SelfGenMethod(Method):
                    for s in steps for it in items_by_step[s] for _ in range(k)]
         model = unwrap(ctx.model)
         with self.view():
-            ro = generate(model, ctx.tokenizer, prompts, ctx.cfg.rollout)
+            ro = generate(model, ctx.tokenizer, prompts, ctx.cfg.rollout, desc=f"{ctx.cfg.method} samples")
         pos = 0
         self.buffer = {}
         for s in steps:

@@ -105,7 +105,7 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
     prompts = [chat_prompt(tokenizer, it.prompt, system) for it in probe for _ in range(s.probe_samples)]
     probe_items = [it for it in probe for _ in range(s.probe_samples)]
     torch.manual_seed(seed)
-    ro = generate(model, tokenizer, prompts, cfg.rollout)
+    ro = generate(model, tokenizer, prompts, cfg.rollout, desc="SPD probe")
     acc = accumulator if accumulator is not None else SubspaceAccumulator()
     device = next(model.parameters()).device
     used = selected = 0

@@ -417,7 +417,7 @@ def sample_trajectories(model, tokenizer, items: Sequence[Item], samples: int, s
     from selfdistill.tasks.verify import verify_item
 
     prompts = [chat_prompt(tokenizer, it.prompt, system) for it in items for _ in range(samples)]
-    texts = generate(unwrap(model), tokenizer, prompts, sampling).texts
+    texts = generate(unwrap(model), tokenizer, prompts, sampling, desc="skill bank rollouts").texts
     its = [it for it in items for _ in range(samples)]
     return [Trajectory(it, t, bool(verify_item(it, t))) for it, t in zip(its, texts)]
 

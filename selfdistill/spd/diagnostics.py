@@ -115,7 +115,7 @@ def projection_shift(model, tokenizer, items: Sequence[Item], sset: SubspaceSet,
     rows = []
     for beta in betas:
         with project_kv(model, sset, beta=beta, kinds=tuple(kinds)):
-            ro = generate(model, tokenizer, prompts, scfg, generator_seed=seed)
+            ro = generate(model, tokenizer, prompts, scfg, generator_seed=seed, desc="SPD diagnostics")
         acc = sum(verify_item(it, t) for it, t in zip(items, ro.texts)) / max(len(items), 1)
         styles = [style_of(t) for t in ro.texts]
         kl_sum, n_tok = 0.0, 0

@@ -51,9 +51,11 @@ class SafeSteer(OnPolicyMethod):
         task = refusal_task(tasks)
         if not cfg.safesteer.direction and not cfg.safesteer.tokens and not task.harmless_prompts and task.harmful:
             raise ConfigError("method safesteer: the refusal direction needs harmless prompts too: "
-                              "data.tasks: [refusal:HARMFUL,HARMLESS] (or pass safesteer.direction and safesteer.tokens)")
+                              "data.tasks: [refusal:HARMFUL,HARMLESS] (or pass safesteer.direction and "
+                              "safesteer.tokens)")
         if cfg.teacher.kind != "initial":
-            raise ConfigError("method safesteer: the steered teacher is the frozen initial model (teacher.kind initial)")
+            raise ConfigError("method safesteer: the steered teacher is the frozen initial model "
+                              "(teacher.kind initial)")
 
     def setup(self) -> None:
         """The direction and the safety tokens, from files or computed on the initial model (once: a resumed
@@ -90,7 +92,8 @@ class SafeSteer(OnPolicyMethod):
                     self.tokens.save(out / "tokens.json")
         vocab = lm_head_weight_rows(ctx.model)
         if self.tokens is not None and max(self.tokens.ids) >= vocab:
-            raise ConfigError(f"safesteer.tokens: id {max(self.tokens.ids)} is outside the model's vocabulary ({vocab})")
+            raise ConfigError(f"safesteer.tokens: id {max(self.tokens.ids)} is outside the model's vocabulary "
+                              f"({vocab})")
         if self.direction.vector.numel() != model.config.get_text_config().hidden_size:
             raise ConfigError(f"safesteer.direction: a vector of {self.direction.vector.numel()} does not match the "
                               f"model's hidden size {model.config.get_text_config().hidden_size}")

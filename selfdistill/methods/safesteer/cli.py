@@ -117,7 +117,8 @@ def run(ns) -> int:
         from selfdistill.methods.safesteer.tokens import choose_tokens
 
         if not cfg.safesteer.direction:
-            raise ConfigError("safesteer tokens: pass --safesteer.direction DIR (from `selfdistill safesteer direction`)")
+            raise ConfigError("safesteer tokens: pass --safesteer.direction DIR "
+                              "(from `selfdistill safesteer direction`)")
         task = _refusal_task(cfg.refusal, cfg.data)
         d = load_direction(cfg.safesteer.direction)
         s = cfg.safesteer

@@ -125,8 +125,10 @@ def find_refusal_tokens(model, tokenizer, harmful: Sequence[str], harmless: Sequ
     from selfdistill.tasks.refusal import is_refusal
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0)
-    ro_h = generate(model, tokenizer, [chat_prompt(tokenizer, p, system) for p in harmful], cfg)
-    ro_ok = generate(model, tokenizer, [chat_prompt(tokenizer, p, system) for p in harmless], cfg)
+    ro_h = generate(model, tokenizer, [chat_prompt(tokenizer, p, system) for p in harmful], cfg,
+                    desc="harmful prompts")
+    ro_ok = generate(model, tokenizer, [chat_prompt(tokenizer, p, system) for p in harmless], cfg,
+                     desc="harmless prompts")
     refusing = Counter(c[0] for c, t in zip(ro_h.completion_ids, ro_h.texts) if c and is_refusal(t))
     opening = Counter(c[0] for c, t in zip(ro_ok.completion_ids, ro_ok.texts) if c and not is_refusal(t))
     n_ref, n_ok = sum(refusing.values()), max(1, sum(opening.values()))
@@ -181,7 +183,8 @@ def _select(model, tokenizer, harmful, harmless, cfg, system, log, batch_size, r
     ok_dir, ok_sel = harmless[:-n_sel][:cfg.n_direction], harmless[-n_sel:]
     if refusal_ids is not None:
         ref_ids = list(refusal_ids)
-        info: dict[str, Any] = {"refusal_tokens": ref_ids, "refusal_token_text": [tokenizer.decode([t]) for t in ref_ids]}
+        info: dict[str, Any] = {"refusal_tokens": ref_ids,
+                                "refusal_token_text": [tokenizer.decode([t]) for t in ref_ids]}
     else:
         ref_ids, info = find_refusal_tokens(model, tokenizer, h_dir, ok_dir, system)
     log(f"safesteer: refusal tokens {info['refusal_token_text']}" + (

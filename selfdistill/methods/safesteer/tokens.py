@@ -39,7 +39,8 @@ def load_tokens(path: str | Path) -> SafetyTokens:
     p = Path(path)
     p = p / "tokens.json" if p.is_dir() else p
     if not p.is_file():
-        raise ConfigError(f"safesteer.tokens: {path} is not a tokens.json (make one with `selfdistill safesteer tokens`)")
+        raise ConfigError(f"safesteer.tokens: {path} is not a tokens.json "
+                          "(make one with `selfdistill safesteer tokens`)")
     data = json.loads(p.read_text())
     ids = [int(i) for i in data.pop("ids")]
     if not ids:
@@ -69,7 +70,8 @@ def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector:
     """The safety tokens of ``model`` steered by ``coeff * vector`` at block ``layer`` (``cfg``: SafeSteerConfig)."""
     from selfdistill.rollout import SamplingConfig, generate
 
-    prompts = [chat_prompt(tokenizer, p, system) for p in harmless[:cfg.token_prompts] for _ in range(cfg.token_samples)]
+    prompts = [chat_prompt(tokenizer, p, system) for p in harmless[:cfg.token_prompts]
+               for _ in range(cfg.token_samples)]
     if not prompts:
         raise ConfigError("safesteer: no harmless prompts to choose safety tokens from")
     scfg = SamplingConfig(max_new_tokens=cfg.token_new, temperature=1.0, top_p=1.0, top_k=0)
@@ -77,7 +79,7 @@ def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector:
     model.eval()
     try:
         with add_direction(model, layer, vector, coeff):
-            ro = generate(model, tokenizer, prompts, scfg, generator_seed=seed)
+            ro = generate(model, tokenizer, prompts, scfg, generator_seed=seed, desc="steered samples")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batch = make_batch(ro.prompt_ids, ro.completion_ids, pad)
         device = next(model.parameters()).device
