@@ -335,6 +335,10 @@ class SafeSteerConfig:
                 "to the steered teacher (the 'global' baseline; the distill section is then used)."})
     renormalise: bool = field(default=False, metadata={
         "help": "Renormalise student and teacher over the safety tokens before the KL (the paper's loss does not)."})
+    gradient: Literal["exact", "ratio_detached"] = field(default="exact", metadata={
+        "help": "exact: the paper's loss as written (its minimum puts each safety token at p_teacher / e); "
+                "ratio_detached: the same value with the log-ratio detached, whose gradient vanishes at "
+                "p_student = p_teacher (ours; docs/methods/safesteer.md)."})
     n_direction: int = field(default=128, metadata={
         "help": "Harmful and harmless prompts each for the mean difference."})
     n_select: int = field(default=32, metadata={

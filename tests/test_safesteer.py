@@ -192,3 +192,21 @@ def test_safesteer_refuses_other_tasks(tiny_model_dir, tmp_path):
     cfg = tiny(tiny_model_dir, tmp_path / "x", method="safesteer", **{"data.tasks": ["toy-math"]})
     with pytest.raises(ConfigError, match="one refusal task"):
         train(cfg, log=lambda s: None)
+
+
+def test_subset_loss_fixed_points_exact_vs_ratio_detached():
+    """The exact gradient of sum_S p (log p - log q) is (log p - log q + 1) grad p: on one token of the
+    subset its zero is at p = q / e; with the log-ratio detached it is (log p - log q) grad p, zero at p = q."""
+    q = torch.tensor([[2.0, 0.0, 0.0, 0.0]])  # teacher logits
+    ids = torch.tensor([0])
+    pt = torch.softmax(q, -1)[0, 0]
+    for detach, target in ((False, pt / math.e), (True, pt)):
+        z = torch.zeros(1, 4, requires_grad=True)  # student logits
+        opt = torch.optim.SGD([z], lr=2.0)
+        for _ in range(3000):
+            opt.zero_grad()
+            subset_reverse_kl_rows(z, q, ids, detach_ratio=detach).sum().backward()
+            opt.step()
+        assert torch.softmax(z, -1)[0, 0].item() == pytest.approx(float(target), abs=2e-3)
+    s, t = torch.randn(3, 6), torch.randn(3, 6)
+    assert torch.equal(subset_reverse_kl_rows(s, t, ids, detach_ratio=True), subset_reverse_kl_rows(s, t, ids))

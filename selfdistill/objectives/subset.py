@@ -25,20 +25,27 @@ from selfdistill.objectives.reduce import Count, reduce_token_losses
 
 
 def subset_reverse_kl_rows(student_logits_NV: Tensor, teacher_logits_NV: Tensor, ids_K: Tensor,
-                           renormalise: bool = False, temperature: float = 1.0) -> Tensor:
-    """Per row (N,): sum over ``ids_K`` of p_S (log p_S - log p_T); the teacher is detached."""
+                           renormalise: bool = False, temperature: float = 1.0, detach_ratio: bool = False) -> Tensor:
+    """Per row (N,): sum over ``ids_K`` of p_S (log p_S - log p_T); the teacher is detached.
+
+    ``detach_ratio``: the same value, with the log-ratio detached, so the gradient is
+    ``(log p_S - log p_T) grad p_S`` and vanishes at p_S = p_T. The exact gradient adds ``grad p_S`` per
+    token (the "+1" of d(p log p)); over the whole vocabulary those sum to zero, over a subset they do not,
+    and they move each p_S(v) to p_T(v) / e instead of p_T(v) (scripts/safesteer_fixed_point.py).
+    """
     ls = torch.log_softmax(student_logits_NV.float() / temperature, dim=-1).index_select(-1, ids_K)
     lt = torch.log_softmax(teacher_logits_NV.detach().float() / temperature, dim=-1).index_select(-1, ids_K)
     if renormalise:
         ls = ls - ls.logsumexp(-1, keepdim=True)
         lt = lt - lt.logsumexp(-1, keepdim=True)
-    return (ls.exp() * (ls - lt)).sum(-1)
+    ratio = ls - lt
+    return (ls.exp() * (ratio.detach() if detach_ratio else ratio)).sum(-1)
 
 
 def subset_reverse_kl_from_hidden(
     student_hidden_NH: Tensor, student_head_VH: Tensor, teacher_hidden_NH: Tensor, teacher_head_VH: Tensor,
     ids_K: Tensor, mask_N: Tensor | None = None, *, renormalise: bool = False, temperature: float = 1.0,
-    chunk_size: int = 1024, num_items_in_batch: Count | None = None,
+    chunk_size: int = 1024, num_items_in_batch: Count | None = None, detach_ratio: bool = False,
 ) -> Tensor:
     """The subset reverse KL from last hidden states (N, H) and lm_head weights, reduced over ``mask_N``
     (weights; divided by ``num_items_in_batch`` when given, else by the mask's token count)."""
@@ -51,7 +58,8 @@ def subset_reverse_kl_from_hidden(
     ws, wt = student_head_VH[:vocab], teacher_head_VH.detach()[:vocab]  # padding ids past the shared vocabulary
 
     def rows(hs: Tensor, ht: Tensor) -> Tensor:
-        return subset_reverse_kl_rows(hs.to(ws.dtype) @ ws.T, ht.to(wt.dtype) @ wt.T, ids, renormalise, temperature)
+        return subset_reverse_kl_rows(hs.to(ws.dtype) @ ws.T, ht.to(wt.dtype) @ wt.T, ids, renormalise, temperature,
+                                      detach_ratio)
 
     parts = []
     for s in range(0, student_hidden_NH.shape[0], chunk_size):

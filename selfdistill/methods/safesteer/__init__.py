@@ -114,7 +114,8 @@ class SafeSteer(OnPolicyMethod):
         ids = torch.tensor(self.tokens.ids, device=s_rows.device)
         return subset_reverse_kl_from_hidden(s_rows, s_head, t_rows, t_head, ids, weights_N,
                                              renormalise=cfg.renormalise, chunk_size=self.ctx.cfg.distill.chunk_size,
-                                             num_items_in_batch=num_tokens)
+                                             num_items_in_batch=num_tokens,
+                                             detach_ratio=cfg.gradient == "ratio_detached")
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
