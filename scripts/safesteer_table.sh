@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The SafeSteer table (docs/methods/safesteer.md), 3 seeds on the toy world:
-#   base, steering at inference only, SafeSteer (reverse KL on the safety tokens), the full-vocabulary
-#   reverse KL to the same steered teacher, and SFT on refusal texts; each evaluated by `selfdistill
+#   base, steering at inference only, SafeSteer (reverse KL on the safety tokens), the same with the
+#   log-ratio detached (ours), the full-vocabulary reverse KL to the same steered teacher, and SFT on
+#   refusal texts; each evaluated by `selfdistill
 #   safesteer eval` (refusal on forbidden requests in and out of the training categories, over-refusal on
 #   harmless look-alikes, greedy accuracy on toy math/code/mcqa test_id).
 # The direction and the safety tokens are found once on the base model and shared by every row.
@@ -28,43 +29,57 @@ EVAL="selfdistill safesteer eval --data.test_size $N --eval.max_items $N"
 COMMON0="--model.path $MODEL --data.tasks toy-refusal --steps 13 --batch_size 8 --micro_batch_size 64 --optim.warmup_steps 1 --onpolicy.samples_per_prompt 8 --rollout.temperature 1.0 --rollout.top_p 1.0
   --rollout.top_k 0 --rollout.max_new_tokens 32 --eval_before false --eval_after false
   --safesteer.direction $OUT/direction --safesteer.tokens $OUT/direction/tokens.json"
-# The learning rate is chosen on `valid` (SafeSteer, seed 0): the largest refusal-minus-over-refusal gain.
+row_args() {
+  case $1 in
+    safesteer) echo "--method safesteer" ;;
+    detached) echo "--method safesteer --safesteer.gradient ratio_detached" ;;
+    full) echo "--method safesteer --safesteer.vocabulary full --distill.kind reverse_kl" ;;
+    sft) echo "--method sft" ;;
+  esac
+}
+ROWS=${ROWS:-safesteer detached full sft}
+# Each row's learning rate is chosen on `valid` (seed 0): the largest refusal-minus-over-refusal.
 mkdir -p "$OUT/lr"
-for lr in ${LRS:-1e-4 3e-4 1e-3}; do
-  run="$OUT/lr/safesteer-lr$lr"
-  [ -f "$run/model/config.json" ] || selfdistill train --method safesteer $COMMON0 --optim.lr "$lr" --seed 0 \
-    --output_dir "$run" --overwrite true > "$run.log" 2>&1
-  [ -f "$OUT/lr/lr$lr.json" ] || selfdistill safesteer eval --data.test_size $N --eval.max_items $N \
-    --eval.splits valid --capability "" --model.path "$run/model" --json_out "$OUT/lr/lr$lr.json" > /dev/null
-done
 [ -f "$OUT/lr/base.json" ] || selfdistill safesteer eval --data.test_size $N --eval.max_items $N \
   --eval.splits valid --capability "" --model.path "$MODEL" --json_out "$OUT/lr/base.json" > /dev/null
-LR=$(python - "$OUT/lr" <<'PY'
+for row in $ROWS; do
+  for lr in ${LRS:-1e-5 3e-5 1e-4 3e-4 1e-3}; do
+    run="$OUT/lr/$row-lr$lr"
+    [ -f "$run/model/config.json" ] || selfdistill train $(row_args $row) $COMMON0 --optim.lr "$lr" --seed 0 \
+      --output_dir "$run" --overwrite true > "$run.log" 2>&1
+    [ -f "$run.json" ] || selfdistill safesteer eval --data.test_size $N --eval.max_items $N \
+      --eval.splits valid --capability "" --model.path "$run/model" --json_out "$run.json" > /dev/null
+  done
+done
+python - "$OUT/lr" <<'PY'
 import json, pathlib, sys
 folder = pathlib.Path(sys.argv[1])
 def gain(p):
     r = json.loads(p.read_text())["refusal"]["valid"]
     return r["refusal_in"] - r["over_refusal"]
-scores = {p.stem[2:]: gain(p) for p in folder.glob("lr*.json")}
-lines = [f"| {lr} | {s:.1f} |" for lr, s in sorted(scores.items(), key=lambda kv: float(kv[0]))]
-(folder / "choice.md").write_text("| lr | refusal - over-refusal on valid |\n|---|---|\n" + "\n".join(lines)
-                                  + f"\n\nbase: {gain(folder / 'base.json'):.1f}\n")
-print(max(scores, key=scores.get))
+rows = {}
+for p in folder.glob("*-lr*.json"):
+    row, lr = p.stem.rsplit("-lr", 1)
+    rows.setdefault(row, {})[lr] = gain(p)
+choice = {row: max(s, key=s.get) for row, s in rows.items()}
+lines = ["| row | " + " | ".join(f"lr {lr}" for lr in sorted({l for s in rows.values() for l in s}, key=float)) + " | chosen |"]
+lrs = sorted({l for s in rows.values() for l in s}, key=float)
+lines.append("|---|" + "---|" * (len(lrs) + 1))
+for row, s in sorted(rows.items()):
+    lines.append(f"| {row} | " + " | ".join(f"{s[l]:.1f}" if l in s else "" for l in lrs) + f" | {choice[row]} |")
+(folder / "choice.md").write_text("Refusal minus over-refusal on valid (points; seed 0):\n\n" + "\n".join(lines)
+                                  + f"\n\nbase model: {gain(folder / 'base.json'):.1f}\n")
+(folder / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
 PY
-)
-echo "lr chosen on valid: $LR"
-COMMON="$COMMON0 --optim.lr $LR"
+cat "$OUT/lr/choice.md"
 for s in $SEEDS; do
-  for row in safesteer full sft; do
-    run="$OUT/runs/$row-s$s"
-    case $row in
-      safesteer) args="--method safesteer" ;;
-      full) args="--method safesteer --safesteer.vocabulary full --distill.kind reverse_kl" ;;
-      sft) args="--method sft" ;;
-    esac
-    [ -f "$run/model/config.json" ] || \
-      selfdistill train $args $COMMON --seed "$s" --output_dir "$run" --overwrite true > "$OUT/runs/$row-s$s.log" 2>&1
-    [ -f "$OUT/eval/$row-s$s.json" ] || $EVAL --model.path "$run/model" --json_out "$OUT/eval/$row-s$s.json" > /dev/null
+  for row in $ROWS; do
+    lr=$(python -c "import json; print(json.load(open('$OUT/lr/choice.json'))['$row'])")
+    run="$OUT/runs/$row-lr$lr-s$s"
+    [ -f "$run/model/config.json" ] || selfdistill train $(row_args $row) $COMMON0 --optim.lr "$lr" --seed "$s" \
+      --output_dir "$run" --overwrite true > "$run.log" 2>&1
+    [ -f "$OUT/eval/$row-lr$lr-s$s.json" ] || \
+      $EVAL --model.path "$run/model" --json_out "$OUT/eval/$row-lr$lr-s$s.json" > /dev/null
   done
 done
 python scripts/safesteer_summary.py "$OUT" > "$OUT/table.md"
