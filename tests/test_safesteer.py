@@ -210,3 +210,36 @@ def test_subset_loss_fixed_points_exact_vs_ratio_detached():
         assert torch.softmax(z, -1)[0, 0].item() == pytest.approx(float(target), abs=2e-3)
     s, t = torch.randn(3, 6), torch.randn(3, 6)
     assert torch.equal(subset_reverse_kl_rows(s, t, ids, detach_ratio=True), subset_reverse_kl_rows(s, t, ids))
+
+
+def test_a_direction_for_another_model_stops_before_any_file(tiny_model_dir, tmp_path):
+    from selfdistill.methods.safesteer.direction import Direction
+    from selfdistill.trainer import train
+
+    Direction(1, -1, torch.randn(7), {}).save(tmp_path / "dir")
+    out = tmp_path / "run"
+    cfg = tiny(tiny_model_dir, out, method="safesteer", **{
+        "data.tasks": ["toy-refusal:4"], "safesteer.direction": str(tmp_path / "dir"),
+        "safesteer.vocabulary": "full"})
+    with pytest.raises(ConfigError, match="does not match the model's hidden size"):
+        train(cfg, log=lambda s: None)
+    assert not out.exists()
+
+
+def test_safesteer_finds_and_saves_its_direction_and_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """Without files the run finds both on the initial model and saves them in its folder (a random model
+    refuses nothing, so the refusal tokens are given as most of the vocabulary)."""
+    from selfdistill.methods.safesteer import direction as D
+    from selfdistill.trainer import train
+
+    real = D.select_direction
+    monkeypatch.setattr(D, "select_direction", lambda *a, **k: real(*a, **k, refusal_ids=list(range(400))))
+    out = tmp_path / "run"
+    cfg = tiny(tiny_model_dir, out, method="safesteer", **{
+        "data.tasks": ["toy-refusal:4"], "onpolicy.samples_per_prompt": 2, "steps": 1,
+        "safesteer.n_direction": 12, "safesteer.n_select": 4, "safesteer.max_kl": 10.0,
+        "safesteer.token_prompts": 4, "safesteer.token_samples": 2, "safesteer.num_tokens": 5,
+        "safesteer.vote_top": 10, "safesteer.min_prob": 0.0})
+    assert train(cfg, log=lambda s: None).steps == 1
+    assert (out / "safesteer" / "direction.safetensors").is_file() and (out / "safesteer" / "direction.png").is_file()
+    assert len(json.loads((out / "safesteer" / "tokens.json").read_text())["ids"]) == 5

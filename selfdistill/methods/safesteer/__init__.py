@@ -49,37 +49,39 @@ class SafeSteer(OnPolicyMethod):
     @classmethod
     def check(cls, cfg, tasks) -> None:
         task = refusal_task(tasks)
-        if not cfg.safesteer.direction and not cfg.safesteer.tokens and not task.harmless_prompts and task.harmful:
-            raise ConfigError("method safesteer: the refusal direction needs harmless prompts too: "
-                              "data.tasks: [refusal:HARMFUL,HARMLESS] (or pass safesteer.direction and "
+        s = cfg.safesteer
+        needs_harmless = not s.direction or (s.vocabulary == "safety" and not s.tokens)
+        if needs_harmless and task.harmful and not task.harmless_prompts:
+            raise ConfigError("method safesteer: the refusal direction and the safety tokens need harmless prompts "
+                              "too: data.tasks: [refusal:HARMFUL,HARMLESS] (or pass safesteer.direction and "
                               "safesteer.tokens)")
         if cfg.teacher.kind != "initial":
             raise ConfigError("method safesteer: the steered teacher is the frozen initial model "
                               "(teacher.kind initial)")
 
-    def setup(self) -> None:
-        """The direction and the safety tokens, from files or computed on the initial model (once: a resumed
-        run has them from its checkpoint)."""
-        from selfdistill.methods.safesteer.direction import load_direction, plot_direction, select_direction
+    def precheck(self) -> None:
+        """The direction and the safety tokens, read from files or found on the initial model, and checked
+        against it: before the run's folder exists, so a model that refuses nothing (or a file made for
+        another model) stops the run with one line and no files. Written to the folder in :meth:`setup`."""
+        from selfdistill.methods.safesteer.direction import load_direction, select_direction
         from selfdistill.methods.safesteer.tokens import choose_tokens, load_tokens
 
         ctx, cfg = self.ctx, self.ctx.cfg.safesteer
         task = refusal_task(ctx.tasks)
         model = unwrap(ctx.model)
-        out = ctx.out_dir / "safesteer"
-        main = ctx.rank == 0
-        if self.direction is None:
-            if cfg.direction:
-                self.direction = load_direction(cfg.direction)
-            else:
-                n = cfg.n_direction + cfg.n_select
-                harmful = [it.prompt for it in task.harmful_pool(n)]
-                harmless = [it.prompt for it in task.harmless(n)]
-                self.direction = select_direction(model, ctx.tokenizer, harmful, harmless, cfg, ctx.system, ctx.log)
-                if main:
-                    self.direction.save(out)
-                    plot_direction(self.direction, out / "direction.png")
-        if self.tokens is None and cfg.vocabulary == "safety":
+        self._found = set()
+        if cfg.direction:
+            self.direction = load_direction(cfg.direction)
+        else:
+            n = cfg.n_direction + cfg.n_select
+            self.direction = select_direction(model, ctx.tokenizer, [it.prompt for it in task.harmful_pool(n)],
+                                              [it.prompt for it in task.harmless(n)], cfg, ctx.system, ctx.log)
+            self._found.add("direction")
+        hidden = model.config.get_text_config().hidden_size
+        if self.direction.vector.numel() != hidden:
+            raise ConfigError(f"safesteer.direction: a vector of {self.direction.vector.numel()} does not match "
+                              f"the model's hidden size {hidden}")
+        if cfg.vocabulary == "safety":
             if cfg.tokens:
                 self.tokens = load_tokens(cfg.tokens)
             else:
@@ -88,15 +90,27 @@ class SafeSteer(OnPolicyMethod):
                 self.tokens = choose_tokens(model, ctx.tokenizer, harmless, self.direction.layer,
                                             self.direction.vector, steering_coeff(self.direction), cfg,
                                             ctx.system, ctx.log, seed=ctx.cfg.seed)
-                if main:
-                    self.tokens.save(out / "tokens.json")
-        vocab = lm_head_weight_rows(ctx.model)
-        if self.tokens is not None and max(self.tokens.ids) >= vocab:
-            raise ConfigError(f"safesteer.tokens: id {max(self.tokens.ids)} is outside the model's vocabulary "
-                              f"({vocab})")
-        if self.direction.vector.numel() != model.config.get_text_config().hidden_size:
-            raise ConfigError(f"safesteer.direction: a vector of {self.direction.vector.numel()} does not match the "
-                              f"model's hidden size {model.config.get_text_config().hidden_size}")
+                self._found.add("tokens")
+            vocab = lm_head_weight_rows(ctx.model)
+            if max(self.tokens.ids) >= vocab:
+                raise ConfigError(f"safesteer.tokens: id {max(self.tokens.ids)} is outside the model's "
+                                  f"vocabulary ({vocab})")
+
+    def setup(self) -> None:
+        """Save what :meth:`precheck` found in the run's ``safesteer/`` folder (a resumed run has the direction
+        and tokens from its checkpoint and computes nothing)."""
+        from selfdistill.methods.safesteer.direction import plot_direction
+
+        if self.direction is None:  # neither prechecked nor resumed (e.g. a caller that skips precheck)
+            self.precheck()
+        found = getattr(self, "_found", set())
+        out = self.ctx.out_dir / "safesteer"
+        if self.ctx.rank == 0 and "direction" in found:
+            self.direction.save(out)
+            plot_direction(self.direction, out / "direction.png")
+        if self.ctx.rank == 0 and "tokens" in found:
+            self.tokens.save(out / "tokens.json")
+        self._found = set()
 
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         return [[g.item.prompt for _ in g.texts] for g in groups]  # the same prompt; the view is in the activations
