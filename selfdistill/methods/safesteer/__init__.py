@@ -63,8 +63,8 @@ class SafeSteer(OnPolicyMethod):
         """The direction and the safety tokens, read from files or found on the initial model, and checked
         against it: before the run's folder exists, so a model that refuses nothing (or a file made for
         another model) stops the run with one line and no files. Written to the folder in :meth:`setup`."""
-        from selfdistill.methods.safesteer.direction import load_direction, select_direction
-        from selfdistill.methods.safesteer.tokens import choose_tokens, load_tokens
+        from selfdistill.methods.safesteer.direction import load_direction
+        from selfdistill.methods.safesteer.tokens import load_tokens
 
         ctx, cfg = self.ctx, self.ctx.cfg.safesteer
         task = refusal_task(ctx.tasks)
@@ -73,9 +73,7 @@ class SafeSteer(OnPolicyMethod):
         if cfg.direction:
             self.direction = load_direction(cfg.direction)
         else:
-            n = cfg.n_direction + cfg.n_select
-            self.direction = select_direction(model, ctx.tokenizer, [it.prompt for it in task.harmful_pool(n)],
-                                              [it.prompt for it in task.harmless(n)], cfg, ctx.system, ctx.log)
+            self.direction = find_direction(model, ctx.tokenizer, task, cfg, ctx.system, ctx.log)
             self._found.add("direction")
         hidden = model.config.get_text_config().hidden_size
         if self.direction.vector.numel() != hidden:
@@ -85,11 +83,8 @@ class SafeSteer(OnPolicyMethod):
             if cfg.tokens:
                 self.tokens = load_tokens(cfg.tokens)
             else:
-                harmless = [it.prompt for it in task.harmless(cfg.n_direction + cfg.n_select + cfg.token_prompts)]
-                harmless = harmless[-cfg.token_prompts:]  # apart from those the direction was measured on
-                self.tokens = choose_tokens(model, ctx.tokenizer, harmless, self.direction.layer,
-                                            self.direction.vector, steering_coeff(self.direction), cfg,
-                                            ctx.system, ctx.log, seed=ctx.cfg.seed)
+                self.tokens = find_tokens(model, ctx.tokenizer, task, self.direction, cfg, ctx.system, ctx.log,
+                                          ctx.cfg.seed)
                 self._found.add("tokens")
             vocab = lm_head_weight_rows(ctx.model)
             if max(self.tokens.ids) >= vocab:
@@ -151,6 +146,25 @@ class SafeSteer(OnPolicyMethod):
             self.direction = Direction(d["layer"], d["position"], d["vector"], d["info"])
         if "tokens" in state:
             self.tokens = SafetyTokens(state["tokens"]["ids"], state["tokens"]["info"])
+
+
+def find_direction(model, tokenizer, task, cfg, system=None, log=print):
+    """The refusal direction of ``model`` from ``task``'s harmful and harmless prompts (``cfg``: safesteer)."""
+    from selfdistill.methods.safesteer.direction import select_direction
+
+    n = cfg.n_direction + cfg.n_select
+    return select_direction(model, tokenizer, [it.prompt for it in task.harmful_pool(n)],
+                            [it.prompt for it in task.harmless(n)], cfg, system, log)
+
+
+def find_tokens(model, tokenizer, task, direction, cfg, system=None, log=print, seed: int = 0):
+    """The safety tokens of ``model`` steered by ``direction``, voted on harmless prompts apart from those the
+    direction was measured on."""
+    from selfdistill.methods.safesteer.tokens import choose_tokens
+
+    harmless = [it.prompt for it in task.harmless(cfg.n_direction + cfg.n_select + cfg.token_prompts)]
+    return choose_tokens(model, tokenizer, harmless[-cfg.token_prompts:], direction.layer, direction.vector,
+                         steering_coeff(direction), cfg, system, log, seed=seed)
 
 
 def steering_coeff(direction) -> float:

@@ -100,31 +100,27 @@ def run(ns) -> int:
     cfg = build(cls, ns.config, _dotted(ns, cls))
     system = cfg.model.system_prompt or None
     if cmd == "direction":
-        from selfdistill.methods.safesteer.direction import plot_direction, select_direction
+        from selfdistill.methods.safesteer import find_direction
+        from selfdistill.methods.safesteer.direction import plot_direction
 
         task = _refusal_task(cfg.refusal, cfg.data)
-        n = cfg.safesteer.n_direction + cfg.safesteer.n_select
         model, tok = load_model(cfg.model)
-        d = select_direction(model, tok, [it.prompt for it in task.harmful_pool(n)],
-                             [it.prompt for it in task.harmless(n)], cfg.safesteer, system)
+        d = find_direction(model, tok, task, cfg.safesteer, system)
         d.save(cfg.out)
         plot_direction(d, Path(cfg.out) / "direction.png")
         print(f"wrote {cfg.out}/direction.safetensors, direction.json, direction.png")
         return 0
     if cmd == "tokens":
+        from selfdistill.methods.safesteer import find_tokens
         from selfdistill.methods.safesteer.direction import load_direction
-        from selfdistill.methods.safesteer import steering_coeff
-        from selfdistill.methods.safesteer.tokens import choose_tokens
 
         if not cfg.safesteer.direction:
             raise ConfigError("safesteer tokens: pass --safesteer.direction DIR "
                               "(from `selfdistill safesteer direction`)")
         task = _refusal_task(cfg.refusal, cfg.data)
         d = load_direction(cfg.safesteer.direction)
-        s = cfg.safesteer
-        harmless = [it.prompt for it in task.harmless(s.n_direction + s.n_select + s.token_prompts)][-s.token_prompts:]
         model, tok = load_model(cfg.model)
-        toks = choose_tokens(model, tok, harmless, d.layer, d.vector, steering_coeff(d), s, system, seed=cfg.seed)
+        toks = find_tokens(model, tok, task, d, cfg.safesteer, system, seed=cfg.seed)
         toks.save(cfg.out)
         print(f"wrote {cfg.out}: " + " ".join(repr(t) for t in toks.info["text"]))
         return 0
