@@ -43,8 +43,8 @@ def main() -> None:
 
     from selfdistill import fastgen
     from selfdistill.arch import kv_sites
-    from selfdistill.spd.projection import project_kv
-    from selfdistill.spd.subspace import Subspace
+    from selfdistill.methods.spd.projection import project_kv
+    from selfdistill.methods.spd.subspace import Subspace
 
     torch.set_num_threads(a.threads)
     path = a.model or make_random_model(tempfile.mkdtemp(prefix="bench_spd_"), hidden=a.hidden, layers=a.layers,

@@ -34,7 +34,8 @@ class MethodInfo:
 @lru_cache(maxsize=1)
 def catalog() -> dict[str, MethodInfo]:
     """Every ``@register``-ed method class in ``selfdistill/methods``, by name."""
-    classes: dict[str, tuple[list[str], dict[str, Any], bool]] = {}  # class -> (bases, literal attrs, registered)
+    classes: dict[str, tuple[list[str], dict[str, Any]]] = {}  # class name -> (bases, literal attrs)
+    registered: list[tuple[list[str], dict[str, Any]]] = []  # kept apart: another file may reuse a class name
     for path in sorted(_METHODS_DIR.rglob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if not isinstance(node, ast.ClassDef):
@@ -46,18 +47,19 @@ def catalog() -> dict[str, MethodInfo]:
                 if isinstance(target, ast.Name) and target.id in _ATTRS:
                     attrs[target.id] = ast.literal_eval(stmt.value)
             bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
-            registered = any(isinstance(d, ast.Name) and d.id == "register" for d in node.decorator_list)
-            classes[node.name] = (bases, attrs, registered)
+            if any(isinstance(d, ast.Name) and d.id == "register" for d in node.decorator_list):
+                registered.append((bases, attrs))
+                classes[node.name] = (bases, attrs)  # a registered class wins its name (subclasses look it up)
+            elif node.name not in classes:
+                classes[node.name] = (bases, attrs)
 
-    def lookup(cls: str, attr: str) -> Any:
-        bases, attrs, _ = classes[cls]
+    def lookup(bases: list[str], attrs: dict[str, Any], attr: str) -> Any:
         if attr in attrs:
             return attrs[attr]
-        return next((v for b in bases if b in classes for v in [lookup(b, attr)] if v is not None), None)
+        return next((v for b in bases if b in classes for v in [lookup(*classes[b], attr)] if v is not None), None)
 
     out = {}
-    for cls, (_, _, registered) in classes.items():
-        if registered:
-            info = MethodInfo(*(lookup(cls, a) for a in _ATTRS))
-            out[info.name] = MethodInfo(info.name, info.paper or "", info.summary or "", tuple(info.sections or ()))
+    for bases, attrs in registered:
+        info = MethodInfo(*(lookup(bases, attrs, a) for a in _ATTRS))
+        out[info.name] = MethodInfo(info.name, info.paper or "", info.summary or "", tuple(info.sections or ()))
     return dict(sorted(out.items()))

@@ -13,10 +13,10 @@ import importlib
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from selfdistill.config import DataConfig, ModelConfig, TrainConfig
-from selfdistill.config_io import ConfigError, add_flags, build
+from selfdistill.config_io import ConfigError, add_flags, from_args
 from selfdistill.evaluate import EvalConfig
 
 
@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-#: Commands in help order, with their one-line help. The last seven live in their method's package
+#: Commands in help order, with their one-line help. Those in ``_PACKAGE_COMMANDS`` live in their method's folder
 #: (``add_commands(sub)`` / ``run(ns)`` in ``_PACKAGE_COMMANDS``), which is imported only when used.
 _COMMANDS = {
     "train": "Train with a method (default: SPD on the toy world).",
@@ -49,7 +49,7 @@ _COMMANDS = {
     "methods": "List the methods with their papers.",
     "toy": "The toy world: pretrain the default model, show items.",
     "table": "The miniature results table: rows x seeds on the toy world.",
-    "spd": "SPD tools.",
+    "spd": "SPD tools: the capability subspace, its spectra and diagnostics.",
     "models": "Model tools: import a GGUF file as a Hugging Face folder.",
     "ccopd": "CCOPD tools: evaluation in FULL/SHARDED/CONCAT, the table, sharding.",
     "opcod": "OPCoD tools: make the two peer models, the co-distillation table.",
@@ -58,9 +58,9 @@ _COMMANDS = {
     "analyze": "What a run changed in the weights: report, mask overlap, masks for sparse retraining.",
     "safesteer": "SafeSteer tools: the refusal direction, the safety tokens, the safety evaluation.",
 }
-_PACKAGE_COMMANDS = {"ccopd": "selfdistill.ccopd.cli", "opcod": "selfdistill.opcod.cli",
-                     "sgsd": "selfdistill.sgsd.cli", "critique": "selfdistill.critique.cli",
-                     "analyze": "selfdistill.analysis.cli", "safesteer": "selfdistill.methods.safesteer.cli"}
+_PACKAGE_COMMANDS = {**{m: f"selfdistill.methods.{m}.cli" for m in ("spd", "ccopd", "opcod", "sgsd", "critique",
+                                                                      "safesteer")},
+                     "analyze": "selfdistill.analysis.cli"}
 
 
 def _version() -> str:
@@ -142,21 +142,6 @@ def _add_table(tab: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     add_flags(tab, TableConfig)
 
 
-def _add_spd(spd: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from selfdistill.catalog import COMMON_SECTIONS
-
-    ssub = spd.add_subparsers(dest="spd_command", required=True)
-    subsp = ssub.add_parser("subspace", help="Extract and save the capability subspace, plot its spectra.")
-    subsp.add_argument("--config", help="YAML file with settings (flags override it).")
-    subsp.add_argument("--out", default="subspace", help="Output folder (subspace.safetensors + spectra.png).")
-    subsp.add_argument("--eval_betas", default="", help="Also measure the projected policy's accuracy on the "
-                       "valid split for these betas, e.g. 0,0.5,1 (1 = no projection).")
-    subsp.add_argument("--diagnostics", action="store_true", help="Also: energy inside the subspace vs a random "
-                       "one, answer-vs-style principal angles, and per beta the projected policy's accuracy, style "
-                       "and KL to the plain policy (diagnostics.json, diagnostics.png).")
-    add_flags(subsp, TrainConfig, show={*COMMON_SECTIONS, "spd"})
-
-
 def _add_models(models: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     msub = models.add_subparsers(dest="models_command", required=True)
     imp = msub.add_parser("import-gguf", help="Convert a GGUF file once into a Hugging Face folder for --model.path.",
@@ -169,8 +154,7 @@ def _add_models(models: argparse.ArgumentParser, argv: Sequence[str]) -> None:
 
 
 _BUILDERS: dict[str, Callable[[argparse.ArgumentParser, Sequence[str]], None]] = {
-    "train": _add_train, "eval": _add_eval, "toy": _add_toy, "table": _add_table, "spd": _add_spd,
-    "models": _add_models}
+    "train": _add_train, "eval": _add_eval, "toy": _add_toy, "table": _add_table, "models": _add_models}
 
 
 def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -195,17 +179,12 @@ def _parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def _dotted(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
-    from selfdistill.config_io import _leaf_fields
-
-    names = {n for n, _, _ in _leaf_fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from selfdistill.trainer import train
 
-    cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
+    cfg = from_args(TrainConfig, ns)
     res = train(cfg)
     # Stopped by SIGTERM/SIGINT (checkpoint written): the conventional 128 + signal, not success.
     return 0 if res.stopped_by_signal is None else 128 + res.stopped_by_signal
@@ -216,7 +195,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from selfdistill.models import load_model
     from selfdistill.tasks.registry import build_tasks
 
-    cfg = build(EvalRunConfig, ns.config, _dotted(ns, EvalRunConfig))
+    cfg = from_args(EvalRunConfig, ns)
     tasks = build_tasks(cfg.data)
     try:  # bad data or a missing split: one line naming it
         for spec, task in zip(cfg.data.tasks, tasks):
@@ -270,25 +249,16 @@ def cmd_toy(ns: argparse.Namespace) -> int:
     if ns.toy_command == "check":
         from selfdistill.toy.check import CheckConfig, check, failed
 
-        rows = check(build(CheckConfig, None, _dotted(ns, CheckConfig)))
+        rows = check(from_args(CheckConfig, ns))
         bad = failed(rows)
         print(f"{len(bad)} of {sum(r.ok is not None for r in rows)} preconditions fail"
               + (": " + "; ".join(r.name for r in bad) if bad else ""))
         return 1 if bad else 0
     from selfdistill.toy.pretrain import DEFAULT_MODEL_DIR, PretrainConfig, pretrain
 
-    cfg = build(PretrainConfig, None, _dotted(ns, PretrainConfig))
+    cfg = from_args(PretrainConfig, ns)
     out = pretrain(ns.out or DEFAULT_MODEL_DIR, cfg)
     print(f"saved the toy model to {out}")
-    return 0
-
-
-def cmd_spd(ns: argparse.Namespace) -> int:
-    from selfdistill.methods.spd import extract_subspace_cli
-
-    cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
-    betas = [float(b) for b in ns.eval_betas.split(",") if b.strip()]
-    extract_subspace_cli(cfg, ns.out, betas, diagnostics=ns.diagnostics)
     return 0
 
 
@@ -309,7 +279,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def cmd_table(ns: argparse.Namespace) -> int:
     from selfdistill.experiments import TableConfig, run_table
 
-    run_table(build(TableConfig, None, _dotted(ns, TableConfig)))
+    run_table(from_args(TableConfig, ns))
     return 0
 
 
@@ -322,11 +292,11 @@ def _unknown_args(ns: argparse.Namespace, extra: list[str]) -> str:
     flag = next((a for a in extra if a.startswith("--")), None)
     if flag is None:
         return f"unexpected argument {extra[0]!r}"
-    cls = {"train": TrainConfig, "eval": EvalRunConfig, "spd": TrainConfig, "sgsd": TrainConfig}.get(ns.command)
+    cls = {"train": TrainConfig, "eval": EvalRunConfig}.get(ns.command)
     if ns.command == "table":
         from selfdistill.experiments import TableConfig as cls
-    if ns.command == "critique":
-        from selfdistill.critique.analyze import AnalyzeConfig as cls
+    if ns.command in _PACKAGE_COMMANDS:  # a method's tools say which settings class they read
+        cls = getattr(importlib.import_module(_PACKAGE_COMMANDS[ns.command]), "config_class", lambda _: None)(ns)
     known = ([f"--{n}" for n, _, _ in _leaf_fields(cls)] + ["--config"]) if cls else []
     name = flag.split("=", 1)[0]
     close = difflib.get_close_matches(name, known, n=1)
@@ -344,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         ns, extra = _parser(argv).parse_known_args(argv)
     except SystemExit as e:  # argparse printed its one line (or the help)
         return e.code if isinstance(e.code, int) else 2
-    handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy, "spd": cmd_spd,
+    handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy,
                 "table": cmd_table, "models": cmd_models}
     from selfdistill.errors import RunInterrupted, TrainingStopped
 

@@ -266,3 +266,9 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: dict[str, A
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     return from_dict(cls, data)
+
+
+def from_args(cls: type, ns: argparse.Namespace) -> Any:
+    """``cls`` built from a command's parsed flags: its ``--config`` file (if the command takes one), then the flags."""
+    names = {n for n, _, _ in _leaf_fields(cls)}
+    return build(cls, getattr(ns, "config", None), {k: v for k, v in vars(ns).items() if k in names})

@@ -348,7 +348,7 @@ def check_teacher_prompts(cfg: TrainConfig, items: Sequence[Item], users: Sequen
 
 def check_skill_bank(path: str) -> None:
     """``sgsd.bank_path`` is a skill bank file (JSON written by ``selfdistill sgsd skills``)."""
-    from selfdistill.sgsd import SkillBank
+    from selfdistill.methods.sgsd.skills import SkillBank
 
     try:
         SkillBank.load(path)

@@ -132,7 +132,7 @@ def unavailable_reason() -> str | None:
 
 def usable(model: nn.Module) -> bool:
     """False when vLLM cannot reproduce the model's forward: hooks installed or weights folded (an activation
-    view, see :func:`selfdistill.spd.projection.fold_kv`), or no GPU model.
+    view, see :func:`selfdistill.methods.spd.projection.fold_kv`), or no GPU model.
 
     A fake engine (set through :func:`set_engine_factory`) is usable on any device.
     """

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from selfdistill.ccopd.conversation import messages_for, sharded_rollout
-from selfdistill.ccopd.shard import (Sharder, covers, join_shards, load_shards_file, numbers, parse_model_shards,
+from selfdistill.methods.ccopd.conversation import messages_for, sharded_rollout
+from selfdistill.methods.ccopd.shard import (Sharder, covers, join_shards, load_shards_file, numbers, parse_model_shards,
                                      sentence_shards, shard_with_model, toy_shards)
 from selfdistill.config_io import ConfigError
 from selfdistill.method_configs import CCOPDConfig
@@ -163,7 +163,7 @@ def test_model_sharding_plumbing(tiny_model_dir):
 
 
 def test_ccopd_eval_and_table_run(tiny_model_dir, tmp_path):
-    from selfdistill.ccopd.table import CCOPDTableConfig, run_ccopd_table
+    from selfdistill.methods.ccopd.table import CCOPDTableConfig, run_ccopd_table
 
     common = [f"model.path={tiny_model_dir}", "steps=1", "batch_size=2", "micro_batch_size=2",
               "data.train_size=4", "data.test_size=2", "rollout.max_new_tokens=4", "eval.max_items=1",

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from selfdistill.cli import _dotted, _parser
+from selfdistill.cli import _parser
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import ConfigError, build, from_dict, to_dict
+from selfdistill.config_io import ConfigError, build, from_args, from_dict, to_dict
 
 
 def test_yaml_then_flags_override(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("method: ssd\nsteps: 7\nspd:\n  rank: 4\n  beta: 0.25\nrollout:\n  temperature: 0.7\n")
     ns = _parser().parse_args(["train", "--config", str(y), "--spd.rank", "6", "--data.tasks", "toy-math,toy-code"])
-    cfg = build(TrainConfig, ns.config, _dotted(ns, TrainConfig))
+    cfg = from_args(TrainConfig, ns)
     assert cfg.method == "ssd" and cfg.steps == 7
     assert cfg.spd.rank == 6 and cfg.spd.beta == 0.25
     assert cfg.rollout.temperature == 0.7

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from selfdistill.critique import exact_critique
+from selfdistill.methods.critique.critic import exact_critique
 from selfdistill.tasks.base import Item
 
 # v1-format toy items written out (the critic reads any toy trace; these pin its line-by-line behaviour).
@@ -88,7 +88,7 @@ def test_code_and_mcqa_critics_recompute():
 def test_token_labels_mark_the_wrong_line(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from selfdistill.critique.analyze import token_labels
+    from selfdistill.methods.critique.analyze import token_labels
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     it = _math_item()
@@ -156,7 +156,7 @@ def test_critique_trains(tiny_model_dir, tmp_path):
 
 def test_analyze_writes_table_and_plot(tiny_model_dir, tmp_path):
     from selfdistill.config_io import from_dict
-    from selfdistill.critique.analyze import CONTEXTS, LABELS, AnalyzeConfig, analyze
+    from selfdistill.methods.critique.analyze import CONTEXTS, LABELS, AnalyzeConfig, analyze
 
     cfg = from_dict(AnalyzeConfig, {"model": {"path": tiny_model_dir}, "out": str(tmp_path / "an"), "items": 2,
                                     "samples": 1, "rollout": {"max_new_tokens": 8}})

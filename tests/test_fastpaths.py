@@ -17,8 +17,8 @@ from selfdistill import fastgen
 from selfdistill.arch import kv_sites
 from selfdistill.rollout import SamplingConfig, generate
 from selfdistill.sequences import forward_hidden, make_batch
-from selfdistill.spd.projection import DENSE_MAX_DIM, project, project_kv, projector
-from selfdistill.spd.subspace import Subspace
+from selfdistill.methods.spd.projection import DENSE_MAX_DIM, project, project_kv, projector
+from selfdistill.methods.spd.subspace import Subspace
 
 VOCAB = 64
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from selfdistill.config_io import ConfigError
 from selfdistill.method_configs import OPCoDConfig
-from selfdistill.opcod.views import Attempts, gate_open, peer_feedback, teacher_views, up_to_answer
+from selfdistill.methods.opcod.views import Attempts, gate_open, peer_feedback, teacher_views, up_to_answer
 from selfdistill.tasks.base import Item
 
 import tinyrun  # tests/tinyrun.py
@@ -145,7 +145,7 @@ def test_confidence_gate_and_one_way_setup(tiny_model_dir, peer_dir, tmp_path):
 
 
 def test_pareto_verdict():
-    from selfdistill.opcod.table import pareto
+    from selfdistill.methods.opcod.table import pareto
 
     def row(math, code):
         return {"cells": {"toy-math/test_id": {"greedy": {"mean": math}}, "toy-code/test_id": {"greedy": {"mean": code}}}}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from selfdistill.objectives import gated_token_loss, teacher_support
-from selfdistill.sgsd import (Candidate, RuleExtractor, SkillBank, TfidfSimilarity, Trajectory, retrieve,
-                              teacher_pool, tfidf_cosine)
+from selfdistill.methods.sgsd.retrieval import TfidfSimilarity, tfidf_cosine
+from selfdistill.methods.sgsd.skills import Candidate, RuleExtractor, SkillBank, Trajectory, retrieve, teacher_pool
 from selfdistill.tasks.base import Item
 from selfdistill.toy.tasks import make_item
 from test_grpo import tiny
@@ -87,7 +87,7 @@ def test_guidance_in_the_toy_worlds_closed_vocabulary():
     it = _item("Compute 12+49-5", "56")
     skill = RuleExtractor(3).one(Trajectory(it, "12+49=61\n61-5=56\n#### 56", True))[0]
     mistake = RuleExtractor(3).one(Trajectory(it, "12+49=63\n63-5=58\n#### 58", False))[0]
-    from selfdistill.sgsd.skills import Entry, TeacherSpec
+    from selfdistill.methods.sgsd.skills import Entry, TeacherSpec
 
     spec = TeacherSpec(Entry(skill.text, "skill", "math", skill.keys), Entry(mistake.text, "mistake", "math",
                                                                               mistake.keys), 1.0, 1.0)

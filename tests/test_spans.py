@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfdistill.spd.selectors import correctness_span, select_tokens
+from selfdistill.methods.spd.selectors import correctness_span, select_tokens
 from selfdistill.tasks.base import Item
 from selfdistill.tasks.spans import answer_span
 from selfdistill.tasks.verify import extract_choice, extract_math_answer, verify_item

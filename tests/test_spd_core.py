@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from selfdistill.arch import edit_kv, kv_sites
-from selfdistill.spd.projection import project, project_kv, select_layers
-from selfdistill.spd.subspace import (Subspace, SubspaceAccumulator, SubspaceSet, fit_subspace,
+from selfdistill.methods.spd.projection import project, project_kv, select_layers
+from selfdistill.methods.spd.subspace import (Subspace, SubspaceAccumulator, SubspaceSet, fit_subspace,
                                       fit_subspace_from_gram, kv_gradients, layer_energy,
                                       load_subspaces, save_subspaces)
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from selfdistill.spd.diagnostics import (energy_shares, principal_angles_deg, projection_shift,
+from selfdistill.methods.spd.diagnostics import (energy_shares, principal_angles_deg, projection_shift,
                                          select_style_tokens, style_char_spans)
-from selfdistill.spd.subspace import KVGrads, SubspaceAccumulator
+from selfdistill.methods.spd.subspace import KVGrads, SubspaceAccumulator
 
 
 def test_energy_shares_of_a_known_spectrum():
@@ -53,7 +53,7 @@ def test_projection_shift_is_zero_without_projection(tiny_model_dir):
     from selfdistill.arch import kv_sites
     from selfdistill.config import ModelConfig
     from selfdistill.models import load_model
-    from selfdistill.spd.subspace import Subspace, SubspaceSet
+    from selfdistill.methods.spd.subspace import Subspace, SubspaceSet
     from selfdistill.toy.tasks import make_item
 
     model, tok = load_model(ModelConfig(path=tiny_model_dir))

@@ -6,8 +6,8 @@ import torch
 
 from selfdistill.cli import main
 from selfdistill.methods.spd import randomize
-from selfdistill.spd.selectors import correctness_span, select_tokens, token_char_ends
-from selfdistill.spd.subspace import SubspaceAccumulator, load_subspaces
+from selfdistill.methods.spd.selectors import correctness_span, select_tokens, token_char_ends
+from selfdistill.methods.spd.subspace import SubspaceAccumulator, load_subspaces
 from selfdistill.tasks.base import Item
 from selfdistill.toy.tokenizer import build_toy_tokenizer
 
@@ -45,7 +45,7 @@ def test_code_generation_span_is_the_code_body():
 
 def test_random_ablation_keeps_rank_and_orthonormality():
     acc = SubspaceAccumulator()
-    from selfdistill.spd.subspace import KVGrads
+    from selfdistill.methods.spd.subspace import KVGrads
 
     g = torch.randn(50, 16)
     acc.add(KVGrads({(0, "k"): g}, {(0, "k"): torch.randn(50, 16)}, {(0, "k"): 2}, 0.0, 50))

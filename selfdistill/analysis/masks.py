@@ -103,7 +103,7 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
 def compare_markdown(res: dict[str, Any], name_a: str, name_b: str) -> str:
     a = res["all"]
     return "\n".join([
-        f"| masks | density A | density B | Jaccard | Jaccard if random | A in B | if random | B in A | if random |",
+        "| masks | density A | density B | Jaccard | Jaccard if random | A in B | if random | B in A | if random |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {name_a} vs {name_b} | {a['density_a']:.2%} | {a['density_b']:.2%} | {a['jaccard']:.3f} | "
         f"{a['jaccard_random']:.3f} | {a['coverage_a_in_b']:.2%} | {a['coverage_random_a_in_b']:.2%} | "

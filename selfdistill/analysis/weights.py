@@ -8,7 +8,6 @@ interest is the base weights' (W + BA - W).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass

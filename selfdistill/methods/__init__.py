@@ -1,8 +1,24 @@
-"""Every method registers itself here on import (see :mod:`selfdistill.methods.base`)."""
+"""The training methods: one module, or one folder for a method with tooling of its own.
 
-from selfdistill.methods import privileged, sft, ssd  # noqa: F401
-from selfdistill.methods import ccopd, opcod  # noqa: F401
-from selfdistill.methods import critique, grpo, safesteer, sgsd, spd  # noqa: F401  (a failing import fails loudly)
-from selfdistill.methods.base import REGISTRY, Method, TrainBatch, get_method, register
+A method folder (``spd/``, ``ccopd/``, ``opcod/``, ``sgsd/``, ``critique/``, ``safesteer/``) holds the
+recipe in its ``__init__.py`` and beside it the method's views, CLI subcommands (``cli.py``), table
+presets and evaluation; the core (trainer, rollout, objectives, arch, teachers, sequences, evaluation,
+checkpoint, tasks) lives outside this package and imports no method.
 
-__all__ = ["REGISTRY", "Method", "TrainBatch", "get_method", "register"]
+Importing this package imports no method: :func:`load_all` (called by
+:func:`selfdistill.methods.base.get_method`) imports every one, so their ``@register`` runs, and a method
+that fails to import stops with its cause instead of going missing from the registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: Every module or folder under ``selfdistill/methods`` that registers a method.
+METHOD_MODULES = ("sft", "ssd", "privileged", "grpo", "spd", "ccopd", "opcod", "sgsd", "critique", "safesteer")
+
+
+def load_all() -> None:
+    """Import every method module (idempotent); an import error propagates with its traceback."""
+    for name in METHOD_MODULES:
+        importlib.import_module(f"selfdistill.methods.{name}")

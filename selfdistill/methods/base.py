@@ -144,7 +144,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> type[Method]:
-    from selfdistill import methods  # noqa: F401  (imports register every method)
+    from selfdistill.methods import load_all
+
+    load_all()  # imports register every method
 
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")

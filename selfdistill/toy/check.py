@@ -141,7 +141,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
     """Measure every precondition on ``cfg.model``; returns the rows (see the module docstring)."""
-    from selfdistill.critique.critic import exact_critique
+    from selfdistill.methods.critique.critic import exact_critique
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -207,7 +207,7 @@ def check(cfg: CheckConfig, log: Callable[[str], None] = print) -> list[Row]:
         log(_fmt(rows[first:]))
 
     # ---- CCOPD
-    from selfdistill.ccopd.conversation import sharded_rollout
+    from selfdistill.methods.ccopd.conversation import sharded_rollout
 
     math = items["math"]
     convs = sharded_rollout(model, tok, [it.meta["shards"] for it in math], S.scfg, turn_max_new_tokens=16,

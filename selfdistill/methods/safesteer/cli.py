@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfdistill.config import DataConfig, ModelConfig
-from selfdistill.config_io import ConfigError, add_flags, build
+from selfdistill.config_io import ConfigError, add_flags, from_args
 from selfdistill.evaluate import EvalConfig
 from selfdistill.method_configs import SafeSteerConfig
 
@@ -78,11 +78,6 @@ def add_commands(sub) -> None:
         add_flags(c, cls)
 
 
-def _dotted(ns, cls) -> dict:
-    from selfdistill.config_io import _leaf_fields
-
-    names = {n for n, _, _ in _leaf_fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
 
 
 def _refusal_task(spec: str, data: DataConfig):
@@ -97,7 +92,7 @@ def run(ns) -> int:
 
     cmd = ns.safesteer_command
     cls = {"direction": DirectionRunConfig, "tokens": TokensRunConfig, "eval": SafetyEvalConfig}[cmd]
-    cfg = build(cls, ns.config, _dotted(ns, cls))
+    cfg = from_args(cls, ns)
     system = cfg.model.system_prompt or None
     if cmd == "direction":
         from selfdistill.methods.safesteer import find_direction

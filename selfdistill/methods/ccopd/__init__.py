@@ -17,8 +17,8 @@ both score the same completion tokens. See docs/methods/ccopd_opcod.md.
 
 from __future__ import annotations
 
-from selfdistill.ccopd.conversation import messages_for, sharded_rollout
-from selfdistill.ccopd.shard import Sharder, join_shards
+from selfdistill.methods.ccopd.conversation import messages_for, sharded_rollout
+from selfdistill.methods.ccopd.shard import Sharder, join_shards
 from selfdistill.config_io import ConfigError
 from selfdistill.methods.base import TrainBatch, register
 from selfdistill.methods.onpolicy import Group, OnPolicyMethod

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from selfdistill.spd.selectors import token_char_ends
-from selfdistill.spd.subspace import SubspaceAccumulator, SubspaceSet
+from selfdistill.methods.spd.selectors import token_char_ends
+from selfdistill.methods.spd.subspace import SubspaceAccumulator, SubspaceSet
 from selfdistill.tasks.base import ANSWER_MARKER, Item
 from selfdistill.toy.tasks import PREAMBLES
 
@@ -106,7 +106,7 @@ def projection_shift(model, tokenizer, items: Sequence[Item], sset: SubspaceSet,
     from selfdistill.rollout import SamplingConfig, generate
     from selfdistill.scoring import target_logprobs
     from selfdistill.sequences import chat_prompt, make_batch
-    from selfdistill.spd.projection import project_kv
+    from selfdistill.methods.spd.projection import project_kv
     from selfdistill.tasks.verify import verify_item
     from selfdistill.toy.tasks import style_of
 

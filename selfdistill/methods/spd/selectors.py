@@ -48,7 +48,7 @@ def select_tokens(tokenizer, item: Item, completion_ids: Sequence[int], text: st
     if selector == "all":
         return [1] * len(completion_ids)
     if selector == "style":  # diagnostics: the toy world's style lines (preamble, closing), not the answer
-        from selfdistill.spd.diagnostics import select_style_tokens
+        from selfdistill.methods.spd.diagnostics import select_style_tokens
 
         return select_style_tokens(tokenizer, completion_ids, text)
     if selector != "answer":

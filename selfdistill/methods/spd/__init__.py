@@ -31,9 +31,9 @@ from selfdistill.methods.selfgen import SelfGenMethod
 from selfdistill.models import unwrap
 from selfdistill.rollout import generate
 from selfdistill.sequences import chat_prompt, make_batch
-from selfdistill.spd.projection import project_kv
-from selfdistill.spd.selectors import select_tokens
-from selfdistill.spd.subspace import (SubspaceAccumulator, SubspaceSet, kv_gradients, layer_energy, load_subspaces,
+from selfdistill.methods.spd.projection import project_kv
+from selfdistill.methods.spd.selectors import select_tokens
+from selfdistill.methods.spd.subspace import (SubspaceAccumulator, SubspaceSet, kv_gradients, layer_energy, load_subspaces,
                                       save_subspaces, top_layers)
 
 
@@ -348,7 +348,7 @@ def write_diagnostics(model, tok, tasks, items, cfg, sset: SubspaceSet, acc: Sub
     import json
     from dataclasses import replace
 
-    from selfdistill.spd.diagnostics import energy_shares, principal_angles_deg, projection_shift
+    from selfdistill.methods.spd.diagnostics import energy_shares, principal_angles_deg, projection_shift
 
     shares = energy_shares(acc, sset)
     style_cfg = replace(cfg, spd=replace(cfg.spd, selector="style"))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfdistill.arch import Kind, KeySite, KVEdit, KVSite, SiteKey, edit_kv, sites_by_key
-from selfdistill.spd.subspace import Subspace, SubspaceSet, layer_energy, top_layers
+from selfdistill.methods.spd.subspace import Subspace, SubspaceSet, layer_energy, top_layers
 
 LayerSpec = Union[Literal["all"], Sequence[int], tuple[Literal["top"], int]]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from selfdistill.ccopd.shard import join_shards
+from selfdistill.methods.ccopd.shard import join_shards
 from selfdistill.rollout import SamplingConfig, generate
 from selfdistill.sequences import chat_messages
 from selfdistill.tasks.base import Item

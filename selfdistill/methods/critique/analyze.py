@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from selfdistill.config import ModelConfig
-from selfdistill.critique.critic import Critique, exact_critique
+from selfdistill.methods.critique.critic import Critique, exact_critique
 from selfdistill.method_configs import CritiqueConfig
 from selfdistill.rollout import SamplingConfig
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from selfdistill.ccopd.table import CCOPDTableConfig
+from selfdistill.methods.ccopd.table import CCOPDTableConfig
 from selfdistill.config import DataConfig, ModelConfig
-from selfdistill.config_io import add_flags, build
+from selfdistill.config_io import add_flags, from_args
 from selfdistill.evaluate import EvalConfig
 from selfdistill.method_configs import CCOPDConfig
 
@@ -56,21 +56,16 @@ def add_commands(sub) -> None:
     show.add_argument("--n", type=int, default=1)
 
 
-def _dotted(ns, cls) -> dict:
-    from selfdistill.config_io import _leaf_fields
-
-    names = {n for n, _, _ in _leaf_fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
 
 
 def run(ns) -> int:
     if ns.ccopd_command == "eval":
-        from selfdistill.ccopd.evaluate import evaluate_settings
+        from selfdistill.methods.ccopd.evaluate import evaluate_settings
         from selfdistill.evaluate import format_table, results_to_json
         from selfdistill.models import load_model
         from selfdistill.tasks.registry import build_tasks
 
-        cfg = build(CCOPDEvalConfig, ns.config, _dotted(ns, CCOPDEvalConfig))
+        cfg = from_args(CCOPDEvalConfig, ns)
         model, tok = load_model(cfg.model)
         res = evaluate_settings(model, tok, build_tasks(cfg.data), cfg.eval, cfg.ccopd, cfg.settings,
                                 cfg.model.system_prompt or None)
@@ -80,17 +75,17 @@ def run(ns) -> int:
                 json.dump(results_to_json(res), f, indent=2)
         return 0
     if ns.ccopd_command == "table":
-        from selfdistill.ccopd.table import run_ccopd_table
+        from selfdistill.methods.ccopd.table import run_ccopd_table
 
-        run_ccopd_table(build(CCOPDTableConfig, None, _dotted(ns, CCOPDTableConfig)))
+        run_ccopd_table(from_args(CCOPDTableConfig, ns))
         return 0
     if ns.ccopd_command == "shard":
-        from selfdistill.ccopd.shard import shard_with_model
+        from selfdistill.methods.ccopd.shard import shard_with_model
         from selfdistill.models import load_model
         from selfdistill.rollout import SamplingConfig
         from selfdistill.tasks.registry import build_tasks
 
-        cfg = build(CCOPDShardConfig, ns.config, _dotted(ns, CCOPDShardConfig))
+        cfg = from_args(CCOPDShardConfig, ns)
         model, tok = load_model(cfg.model)
         rows = []
         for task in build_tasks(cfg.data):
@@ -104,8 +99,8 @@ def run(ns) -> int:
         fallback = sum(r["source"] == "fallback" for r in rows)
         print(f"wrote {len(rows)} rows to {cfg.out} ({fallback} fell back to sentence sharding)")
         return 0
-    from selfdistill.ccopd.conversation import SETTINGS, messages_for
-    from selfdistill.ccopd.shard import toy_shards
+    from selfdistill.methods.ccopd.conversation import SETTINGS, messages_for
+    from selfdistill.methods.ccopd.shard import toy_shards
     from selfdistill.toy.tasks import make_item
 
     for i in range(ns.n):

@@ -6,7 +6,7 @@ Three teacher contexts (``critique.feedback``) on the same on-policy recipe
 - ``reward``: the attempt and "Your previous attempt was correct/incorrect";
 - ``reference``: the reference solution;
 - ``step``: the attempt checked step by step by a frozen critic, correct steps
-  copied verbatim, wrong ones corrected (:mod:`selfdistill.critique`): exact
+  copied verbatim, wrong ones corrected (:mod:`selfdistill.methods.critique.critic`): exact
   recomputation on the toy world, a prompted frozen model elsewhere.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 
-from selfdistill.critique.critic import ModelCritic, exact_critique
+from selfdistill.methods.critique.critic import ModelCritic, exact_critique
 from selfdistill.methods.base import TrainBatch, register
 from selfdistill.methods.onpolicy import Group, OnPolicyMethod
 from selfdistill.models import unwrap

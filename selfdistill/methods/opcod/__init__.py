@@ -6,7 +6,7 @@ teacher is itself (``teacher.*``: by default its frozen initial weights)
 shown the problem + another verified rollout of its own group + the other
 model's feedback, when the cognizance gate says the other model knows the
 problem; feedback is anchored to the problem (see
-:mod:`selfdistill.opcod.views`). Loss: the shared objective library
+:mod:`selfdistill.methods.opcod.views`). Loss: the shared objective library
 (``distill.*``) on each model's own rollout tokens.
 
 How the two updates share the trainer's one loop (design):
@@ -41,7 +41,7 @@ from selfdistill.methods.base import TrainBatch, register
 from selfdistill.methods.onpolicy import Group, OnPolicyMethod
 from selfdistill.models import unwrap
 from selfdistill.objectives import global_token_count
-from selfdistill.opcod.views import Attempts, mean_answer_logprob, teacher_views
+from selfdistill.methods.opcod.views import Attempts, mean_answer_logprob, teacher_views
 from selfdistill.rollout import Rollouts
 from selfdistill.scoring import target_logprobs
 from selfdistill.sequences import make_batch
@@ -63,7 +63,7 @@ class _Student(OnPolicyMethod):
     @torch.no_grad()
     def attempts(self, ro: Rollouts, groups: list[Group]) -> list[Attempts]:
         """Per problem: texts, rewards and (if the gate reads them) answer confidences under this model."""
-        from selfdistill.spd.selectors import select_tokens
+        from selfdistill.methods.spd.selectors import select_tokens
 
         ctx, ocfg = self.ctx, self.ctx.cfg.opcod
         conf = [0.0] * len(ro.texts)

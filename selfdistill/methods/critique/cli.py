@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from selfdistill.config_io import add_flags, build
-from selfdistill.critique.analyze import AnalyzeConfig
+from selfdistill.config_io import add_flags, from_args
+from selfdistill.methods.critique.analyze import AnalyzeConfig
 
 
 def add_commands(sub) -> None:
@@ -16,10 +16,13 @@ def add_commands(sub) -> None:
     add_flags(an, AnalyzeConfig)
 
 
-def run(ns) -> int:
-    from selfdistill.config_io import _leaf_fields
-    from selfdistill.critique.analyze import analyze
+def config_class(ns) -> type:
+    """The settings class whose flags the command takes (for the closest-flag hint of a misspelled one)."""
+    return AnalyzeConfig
 
-    names = {n for n, _, _ in _leaf_fields(AnalyzeConfig)}
-    analyze(build(AnalyzeConfig, ns.config, {k: v for k, v in vars(ns).items() if k in names}))
+
+def run(ns) -> int:
+    from selfdistill.methods.critique.analyze import analyze
+
+    analyze(from_args(AnalyzeConfig, ns))
     return 0

@@ -4,7 +4,7 @@ FULL and CONCAT are single-turn, so they go through the package's one
 evaluator (:func:`selfdistill.evaluate.evaluate`) on tasks whose prompts are
 rewritten (:class:`SettingTask`). SHARDED is multi-turn: greedy and sampled
 pass@1 as in the evaluator, each conversation sampled by
-:func:`~selfdistill.ccopd.conversation.sharded_rollout` (greedy: every turn
+:func:`~selfdistill.methods.ccopd.conversation.sharded_rollout` (greedy: every turn
 greedy). Results are ordinary :class:`~selfdistill.evaluate.SplitResult` rows
 whose task is named ``TASK@SETTING`` (so every table tool reads them).
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from selfdistill.ccopd.conversation import SETTINGS, sharded_rollout
-from selfdistill.ccopd.shard import Sharder, join_shards
+from selfdistill.methods.ccopd.conversation import SETTINGS, sharded_rollout
+from selfdistill.methods.ccopd.shard import Sharder, join_shards
 from selfdistill.evaluate import EvalConfig, SplitResult, evaluate
 from selfdistill.method_configs import CCOPDConfig
 from selfdistill.rollout import SamplingConfig

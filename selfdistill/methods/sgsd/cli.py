@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from selfdistill.config import TrainConfig
-from selfdistill.config_io import add_flags, build
+from selfdistill.config_io import add_flags, from_args
 
 
 def add_commands(sub) -> None:
@@ -18,11 +18,14 @@ def add_commands(sub) -> None:
     add_flags(sk, TrainConfig)
 
 
+def config_class(ns) -> type:
+    """The settings class whose flags the command takes (for the closest-flag hint of a misspelled one)."""
+    return TrainConfig
+
+
 def run(ns) -> int:
-    from selfdistill.config_io import _leaf_fields
     from selfdistill.methods.sgsd import skills_cli
 
-    names = {n for n, _, _ in _leaf_fields(TrainConfig)}
-    cfg = build(TrainConfig, ns.config, {k: v for k, v in vars(ns).items() if k in names})
+    cfg = from_args(TrainConfig, ns)
     skills_cli(cfg, ns.out, ns.show)
     return 0

@@ -1,7 +1,7 @@
 """The CCOPD table (``selfdistill ccopd table``): trained on toy math only, FULL / SHARDED / CONCAT after.
 
 Each row x seed is a normal ``train`` run (``--out/runs/ROW-sSEED``, reused
-when finished) followed by :func:`~selfdistill.ccopd.evaluate.evaluate_settings`
+when finished) followed by :func:`~selfdistill.methods.ccopd.evaluate.evaluate_settings`
 on every evaluation task (math in-domain; code and multiple-choice zero-shot)
 in every setting; ``base`` is the untrained model. ``results.md`` holds mean
 ± std over seeds per (row, domain, split) and setting, and the relative
@@ -53,7 +53,7 @@ def row_config(name: str, overrides: dict[str, Any] | None, seed: int, out: Path
 
 
 def _evaluate(model_path: str, cfg: TrainConfig, tc: CCOPDTableConfig) -> list[dict]:
-    from selfdistill.ccopd.evaluate import evaluate_settings
+    from selfdistill.methods.ccopd.evaluate import evaluate_settings
     from selfdistill.evaluate import results_to_json
     from selfdistill.models import load_model
     from selfdistill.tasks.registry import build_tasks

@@ -1,7 +1,7 @@
 """SGSD: skill-conditioned gated self-distillation (arXiv 2605.28791), see docs/methods/sgsd_critique.md.
 
 Setup builds (or loads) a skill bank from the model's own verified rollouts
-(:mod:`selfdistill.sgsd`). Each step, every student rollout is scored by a
+(:mod:`selfdistill.methods.sgsd`). Each step, every student rollout is scored by a
 *pool* of teachers: the same (frozen, ``teacher.*``) model given the problem
 plus one retrieved (skill, mistake) pair. Rows of the batch are (rollout,
 teacher) pairs: the student sequence is repeated once per teacher (its forward
@@ -25,8 +25,9 @@ from selfdistill.models import unwrap
 from selfdistill.objectives import gated_token_loss, teacher_support
 from selfdistill.scoring import target_logprobs
 from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, fill_template, make_batch
-from selfdistill.sgsd import (AutoExtractor, ModelExtractor, RuleExtractor, SkillBank, Trajectory, build_skill_bank,
-                              make_similarity, teacher_pool)
+from selfdistill.methods.sgsd.retrieval import make_similarity
+from selfdistill.methods.sgsd.skills import (AutoExtractor, ModelExtractor, RuleExtractor, SkillBank, Trajectory,
+                                            build_skill_bank, teacher_pool)
 from selfdistill.tasks.base import Item
 from selfdistill.toy.steps import is_toy
 

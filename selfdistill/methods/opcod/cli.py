@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from selfdistill.config_io import add_flags, build
-from selfdistill.opcod.peers import PeersConfig
-from selfdistill.opcod.table import OPCoDTableConfig
+from selfdistill.config_io import add_flags, from_args
+from selfdistill.methods.opcod.peers import PeersConfig
+from selfdistill.methods.opcod.table import OPCoDTableConfig
 
 
 def add_commands(sub) -> None:
@@ -16,20 +16,15 @@ def add_commands(sub) -> None:
     add_flags(tab, OPCoDTableConfig)
 
 
-def _dotted(ns, cls) -> dict:
-    from selfdistill.config_io import _leaf_fields
-
-    names = {n for n, _, _ in _leaf_fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
 
 
 def run(ns) -> int:
     if ns.opcod_command == "make-peers":
-        from selfdistill.opcod.peers import make_peers
+        from selfdistill.methods.opcod.peers import make_peers
 
-        make_peers(build(PeersConfig, None, _dotted(ns, PeersConfig)))
+        make_peers(from_args(PeersConfig, ns))
         return 0
-    from selfdistill.opcod.table import run_opcod_table
+    from selfdistill.methods.opcod.table import run_opcod_table
 
-    run_opcod_table(build(OPCoDTableConfig, None, _dotted(ns, OPCoDTableConfig)))
+    run_opcod_table(from_args(OPCoDTableConfig, ns))
     return 0

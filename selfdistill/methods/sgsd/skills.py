@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence
 
 from selfdistill.sequences import fill_template
-from selfdistill.sgsd.retrieval import Similarity, TfidfSimilarity
+from selfdistill.methods.sgsd.retrieval import Similarity, TfidfSimilarity
 from selfdistill.tasks.base import ANSWER_MARKER, Item, extract_after_marker
 from selfdistill.toy import steps as toy
 
@@ -270,7 +270,7 @@ def _code_rules(item: Item, completion: str, correct: bool) -> list[tuple[str, l
     if correct:
         order = [f for f in ("print", "if", "mul", "sub", "add") if f in feats]
         return [(_CODE_SKILLS[f], ["code", f]) for f in order] + [(_CODE_SKILLS["trace"], ["code", "trace"])]
-    from selfdistill.critique.critic import exact_critique
+    from selfdistill.methods.critique.critic import exact_critique
 
     out: list[tuple[str, list[str]]] = []
     crit = exact_critique(item, completion, chain=True)
