@@ -158,6 +158,72 @@ def _sum_processes(x: float, accelerator: Accelerator) -> float:
     return float(t.item())
 
 
+class _Stepped:
+    """One trained model in the loop: its parameters, optimizer, schedule, loss and token mask.
+
+    The run's model is the first (``student``); a method's :class:`~selfdistill.methods.base.Trainee` s follow.
+    Every one gets the same treatment: global-token normalisation, all-reduce, clipping, the finite check,
+    its step, checkpointed state.
+    """
+
+    def __init__(self, name: str, model, cfg: TrainConfig, loss: Callable, token_mask: Callable,
+                 pmask: ParamMask | None = None) -> None:
+        self.name, self.model, self.loss, self.token_mask, self.pmask = name, model, loss, token_mask, pmask
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+
+    def forward_backward(self, batch, cfg: TrainConfig, accelerator: Accelerator) -> tuple[float, torch.Tensor,
+                                                                                          list[dict]]:
+        """Accumulate the gradient of ``batch`` over micro-batches; returns (global loss, token count, infos)."""
+        self.model.train()
+        micro = batch.split(cfg.micro_batch_size)
+        num_tokens = global_token_count([self.token_mask(m) for m in micro], accelerator)
+        world, total, infos = accelerator.num_processes, 0.0, []
+        for m in micro:
+            with accelerator.autocast():
+                loss, info = self.loss(m, num_tokens)
+            (loss * world).backward() if world > 1 else loss.backward()
+            total += float(loss.detach())
+            infos.append(info)
+        return _sum_processes(total, accelerator), num_tokens, infos
+
+    def update(self, loss: float, cfg: TrainConfig, accelerator: Accelerator, step: int) -> tuple[float, bool]:
+        """Average over processes, mask, clip, and step when loss and gradient are finite: (grad norm, stepped)."""
+        _all_reduce_grads(self.params, accelerator)
+        if self.pmask is not None:
+            self.pmask.grads()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.opt.step()
+            if self.pmask is not None:
+                self.pmask.after_step()
+            if not _all_finite(self.params):  # e.g. a huge lr: finite loss and gradient, infinite update
+                raise TrainingStopped(
+                    f"stopping: the update of step {step + 1} made weights non-finite although its loss and "
+                    f"gradient were finite ({'' if self.name == 'student' else self.name + ', '}optim.lr="
+                    f"{cfg.optim.lr}); nothing from this step is saved, earlier checkpoints are untouched; "
+                    "lower --optim.lr")
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        return float(grad_norm), finite
+
+    def state(self, with_weights: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        if with_weights:  # the run's own model is saved in Hugging Face format beside the state
+            out["model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return out
+
+    def load(self, state: dict[str, Any]) -> None:
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
 def prepare_run(cfg: TrainConfig):
     """Validate and load everything a run needs; raises before anything is written.
 
@@ -298,7 +364,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signal
     t_start = time.time()
     method_cls, tasks = prepare_run(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     set_seed(cfg.seed)
@@ -356,10 +422,11 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     ctx.cfg, ctx.out_dir = cfg, out
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                            betas=tuple(cfg.optim.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    main = _Stepped("student", model, cfg, method.loss, method.token_mask, pmask)
+    stepped = [main] + [_Stepped(t.name, t.model, cfg, t.loss, t.token_mask) for t in method.trainees()]
+    if len({t.name for t in stepped}) < len(stepped):
+        raise ValueError(f"method {cfg.method}: trainee names must be unique and not 'student'")
+    opt, sched = main.opt, main.sched
 
     start_step, before, bad_in_row, skipped = 0, None, 0, 0
     if ckpt is not None:
@@ -367,6 +434,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
         load_weights_into(model, ckpt)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        for t in stepped[1:]:
+            t.load(state["trainees"][t.name])
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
         start_step, skipped = state["step"], state["skipped_steps"]
@@ -390,6 +459,7 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
         if not accelerator.is_main_process:
             return
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "trainees": {t.name: t.state(with_weights=True) for t in stepped[1:]},
                  "method": method.state_dict(), "rng": rng_state(), "skipped_steps": skipped,
                  "before": results_to_json(before) if before else None, "config": to_dict(cfg)}
         path = save_checkpoint(out / "checkpoints", step, unwrap_for_save(model), tok, state,
@@ -408,47 +478,37 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
             t0 = time.perf_counter()
             batch = method.make_batch(step, ctx.stream.for_step(step, rank, world))
             t_batch = time.perf_counter() - t0
-            # 2. loss over micro-batches, normalised by the global token count.
-            model.train()
-            micro = batch.split(cfg.micro_batch_size)
-            num_tokens = global_token_count([method.token_mask(m) for m in micro], accelerator)
+            # 2. loss over micro-batches, normalised by each trained model's global token count.
+            t1 = time.perf_counter()
+            parts = {"student": batch, **batch.others}
+            losses: dict[str, float] = {}
+            for t in stepped:
+                if t.name in parts:
+                    losses[t.name], tokens, infos_t = t.forward_backward(parts[t.name], cfg, accelerator)
+                    if t is main:
+                        num_tokens, infos = tokens, infos_t
+                else:  # a trainee with no data this step: zero gradient (its schedule still advances)
+                    losses[t.name] = 0.0
+            total = sum(losses.values())
             empty_in_row = empty_in_row + 1 if num_tokens == 0 else 0
             if empty_in_row == NO_SIGNAL_NOTICE:
                 say(f"note: steps {step + 2 - empty_in_row}-{step + 1} carried no training signal (no token has a "
                     f"target or a teacher: e.g. {method.name} found nothing to learn from in its batch); the "
                     "model is not changing; check the method's settings or the data")
-            t1 = time.perf_counter()
-            total, infos = 0.0, []
-            for m in micro:
-                with accelerator.autocast():
-                    loss, info = method.loss(m, num_tokens)
-                (loss * world).backward() if world > 1 else loss.backward()
-                total += float(loss.detach())
-                infos.append(info)
             t_fwd_bwd = time.perf_counter() - t1
-            total = _sum_processes(total, accelerator)  # the global loss (same on every process)
-            # 3. gradients: average over processes, mask (--optim.mask), check, clip, step.
-            _all_reduce_grads(params, accelerator)
-            if pmask is not None:
-                pmask.grads()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-            finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+            # 3. gradients, per trained model: average over processes, mask (--optim.mask), check, clip, step.
+            norms, stepped_ok = {}, {}
+            for t in stepped:
+                norms[t.name], stepped_ok[t.name] = t.update(losses[t.name], cfg, accelerator, step)
+            grad_norm, finite = norms["student"], all(stepped_ok.values())
             if finite:
-                opt.step()
-                if pmask is not None:
-                    pmask.after_step()
                 bad_in_row = 0
-                if not _all_finite(params):  # e.g. a huge lr: finite loss and gradient, infinite update
-                    raise TrainingStopped(
-                        f"stopping: the update of step {step + 1} made weights non-finite although its loss and "
-                        f"gradient were finite (optim.lr={cfg.optim.lr}); nothing from this step is saved, "
-                        "earlier checkpoints are untouched; lower --optim.lr")
             else:
                 skipped += 1
                 bad_in_row += 1
-                say(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
-            opt.zero_grad(set_to_none=True)
-            sched.step()
+                which = ", ".join(n for n, ok in stepped_ok.items() if not ok) if len(stepped) > 1 else ""
+                say(f"step {step}: non-finite loss or gradient{f' ({which})' if which else ''}, step skipped "
+                    f"({bad_in_row} in a row)")
             method.after_step(step)
             t_update = time.perf_counter() - t1
             # 4. log, evaluate, checkpoint.
@@ -457,6 +517,10 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                                        "time_batch_s": t_batch, "time_update_s": t_update,
                                        "time_forward_backward_s": t_fwd_bwd, "time_optimizer_s": t_update - t_fwd_bwd,
                                        "skipped": not finite, **batch.info}
+            if len(stepped) > 1:  # per trained model: its own loss, gradient norm, and whether it was skipped
+                metrics.update({f"loss_{n}": v for n, v in losses.items()})
+                metrics.update({f"grad_norm_{n}": v for n, v in norms.items() if n != "student"})
+                metrics.update({f"skipped_{n}": not v for n, v in stepped_ok.items() if n != "student"})
             for k in infos[0] if infos else []:
                 # Timings add up over micro-batches; everything else is averaged.
                 metrics[k] = sum(i[k] for i in infos) / (1 if k.startswith("time_") else len(infos))
@@ -493,6 +557,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
         if saved_at != cfg.steps:
             checkpoint(cfg.steps)
         publish_dir(out / "model", lambda tmp: _write_model(tmp, model, tok, cfg.model.path))
+        for t in stepped[1:]:
+            publish_dir(out / f"{t.name}_model", lambda tmp, t=t: _write_model(tmp, t.model, tok))
         if cfg.model.lora.enabled and cfg.model.lora.save_merged:
             publish_dir(out / "merged", lambda tmp: _write_merged(tmp, out / "model", cfg))
     after = None

@@ -110,7 +110,7 @@ def test_opcod_trains_both_models(tiny_model_dir, peer_dir, tmp_path, monkeypatc
     peer_res = json.loads((out / "peer_results.json").read_text())
     assert peer_res["before"] and peer_res["after"] and peer_res["updated"]
     state = torch.load(next((out / "checkpoints").glob("step-*")) / "trainer_state.pt", weights_only=False)
-    assert state["method"]["peer"]["optimizer"]["state"]  # the peer's AdamW moments are checkpointed
+    assert state["trainees"]["peer"]["optimizer"]["state"]  # the peer's AdamW moments are checkpointed
 
 
 def test_confidence_gate_and_one_way_setup(tiny_model_dir, peer_dir, tmp_path):
@@ -127,9 +127,9 @@ def test_confidence_gate_and_one_way_setup(tiny_model_dir, peer_dir, tmp_path):
     ctx = Context(cfg, model, tok, tasks, Accelerator(cpu=True), tmp_path, lambda s: None, None,
                   ItemStream(tasks, 2, 0))
     m = OPCoD(ctx)
-    assert m.opt is None and not any(p.requires_grad for p in m.peer.ctx.model.parameters())
+    assert m.trainees() == [] and not any(p.requires_grad for p in m.peer.ctx.model.parameters())
     batch = m.make_batch(0, ctx.items_for_step(0))
-    assert m._peer_micro == [] and len(batch) == 4
+    assert batch.others == {} and len(batch) == 4
     ro, groups = m.rollout(ctx.items_for_step(0))
     ro = type(ro)(ro.prompt_ids, [c[:2] + tok("#### 7", add_special_tokens=False)["input_ids"] for c in ro.completion_ids],
                   [t[:2] + "#### 7" for t in tok.batch_decode([c[:2] for c in ro.completion_ids])], ro.finished)
@@ -155,3 +155,68 @@ def test_pareto_verdict():
     assert pareto(table, "up", ["math", "code"]) == "yes"
     assert pareto(table, "trade", ["math", "code"]) == "no"  # A lost on code
     assert pareto(table, "base", ["math", "code"]) == "-"
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_peer_is_stepped_by_the_trainer_and_resumes_exactly(tiny_model_dir, peer_dir, tmp_path, monkeypatch):
+    """Issue 13 item 2: the peer is one of the trainer's trained models, so a crash in step 3 and a resume
+    from the step-2 checkpoint give the same A, the same B and the same metrics as an uninterrupted run."""
+    import selfdistill.tasks.verify as V
+    from selfdistill.checkpoint import latest_checkpoint, load_state
+    from selfdistill.methods.opcod import OPCoD
+    from selfdistill.trainer import train
+
+    monkeypatch.setattr(V, "verify_item", lambda item, text: True)
+    over = {"opcod.gate": "always", "steps": 3, "save_every": 1, "eval_before": False, "eval_after": False}
+    ref = tmp_path / "ref"
+    train(tiny(tiny_model_dir, peer_dir, ref, **over), log=lambda s: None)
+    orig = OPCoD.make_batch
+
+    def crash_in_step_3(self, step, items):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+        return orig(self, step, items)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(OPCoD, "make_batch", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(tiny_model_dir, peer_dir, out, **over), log=lambda s: None)
+    monkeypatch.setattr(OPCoD, "make_batch", orig)
+    assert load_state(latest_checkpoint(out / "checkpoints"))["step"] == 2
+    train(tiny(tiny_model_dir, peer_dir, out, resume=True, **over), log=lambda s: None)
+    for name in ("model", "peer_model"):
+        a, b = _weights(ref / name), _weights(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if not k.startswith("time_")}  # noqa: E731
+                       for l in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(ref) == strip(out)
+    assert all(r["grad_norm_peer"] > 0 and r["skipped_peer"] is False for r in strip(ref))
+
+
+def test_a_non_finite_peer_step_is_skipped_and_counts_towards_max_bad_steps(tiny_model_dir, peer_dir, tmp_path,
+                                                                           monkeypatch):
+    import selfdistill.tasks.verify as V
+    from selfdistill.methods.opcod import _Student
+    from selfdistill.trainer import TrainingStopped, train
+
+    monkeypatch.setattr(V, "verify_item", lambda item, text: True)
+    orig = _Student.loss
+
+    def nan_for_the_peer(self, micro, num_tokens):
+        loss, info = orig(self, micro, num_tokens)
+        return (loss * float("nan") if type(self) is _Student else loss), info  # the peer is a plain _Student
+
+    monkeypatch.setattr(_Student, "loss", nan_for_the_peer)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss or gradient"):
+        train(tiny(tiny_model_dir, peer_dir, out, steps=4, max_bad_steps=2, **{"opcod.gate": "always"}),
+              log=lambda s: None)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_peer"] for r in rows] == [True, True] and all(r["skipped"] for r in rows)
+    assert all(math.isfinite(r["loss_student"]) for r in rows)
+    assert "non-finite loss or gradient (peer), step skipped" in (out / "run.log").read_text()

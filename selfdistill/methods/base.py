@@ -1,8 +1,11 @@
 """What a method is: how a step's batch is made, and its loss.
 
-The trainer owns the loop (data order, optimizer, accumulation, logging,
+The trainer owns the loop (data order, optimizers, accumulation, logging,
 checkpoints, evaluation). A method composes the core pieces (rollout, views,
 objective) into two calls: :meth:`Method.make_batch` and :meth:`Method.loss`.
+A method that trains a second model (OPCoD's peer) declares it as a
+:class:`Trainee` and puts its batch in :attr:`TrainBatch.others`; the trainer
+steps it with the same loop and guarantees as the run's model.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class TrainBatch:
     teacher: SequenceBatch | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)
+    #: This step's batches of the method's other trainees, by :attr:`Trainee.name` (split on their own).
+    others: dict[str, "TrainBatch"] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.student.input_ids_BT.shape[0]
@@ -52,6 +57,22 @@ def _slice_seq(b: SequenceBatch, sl: slice) -> SequenceBatch:
     parts = [getattr(b, f.name)[sl] for f in fields(b)]
     T = int(parts[1].sum(-1).max().item()) if parts[1].numel() else 0
     return SequenceBatch(*(p[:, :max(T, 1)] for p in parts))
+
+
+@dataclass
+class Trainee:
+    """A model a method trains besides the run's own (:meth:`Method.trainees`).
+
+    The trainer gives it an optimizer and schedule with the run's settings, splits its batch
+    (``TrainBatch.others[name]``) into micro-batches normalised by its own global token count, averages its
+    gradients over processes, clips, skips non-finite steps (counted towards ``max_bad_steps``), checkpoints
+    its weights, optimizer and scheduler, restores them on resume, and publishes it as ``OUTPUT/<name>_model``.
+    """
+
+    name: str
+    model: Any
+    loss: Callable[["TrainBatch", torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+    token_mask: Callable[["TrainBatch"], torch.Tensor]
 
 
 @dataclass
@@ -125,6 +146,10 @@ class Method:
 
     def after_step(self, step: int) -> None:
         """After each optimizer step (e.g. an EMA teacher update)."""
+
+    def trainees(self) -> list[Trainee]:
+        """Models this method trains besides ``ctx.model`` (default: none). Asked once, after ``__init__``."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """Method state saved in checkpoints (buffers, EMA weights, subspaces...)."""

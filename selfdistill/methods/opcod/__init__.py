@@ -9,27 +9,23 @@ problem; feedback is anchored to the problem (see
 :mod:`selfdistill.methods.opcod.views`). Loss: the shared objective library
 (``distill.*``) on each model's own rollout tokens.
 
-How the two updates share the trainer's one loop (design):
+How the two updates share the trainer's one loop (design): B is a
+:class:`~selfdistill.methods.base.Trainee` named ``peer``, so the trainer
+steps it exactly as it steps A (its own AdamW with the run's settings and
+schedule, its own global token count, all-reduce, clipping, non-finite
+skipping and ``max_bad_steps``, its weights, optimizer and scheduler in every
+checkpoint, ``OUTPUT/peer_model`` at the end). :meth:`OPCoD.make_batch`
+samples both models, builds both teacher views and both batches (the shared
+recipe, :meth:`OnPolicyMethod.batch_from_rollouts`) and hands B's over in
+``TrainBatch.others["peer"]``; the method owns only B's teacher and its
+before/after evaluation (``OUTPUT/peer_results.json``).
 
-- :meth:`OPCoD.make_batch` samples both models, builds both teacher views and
-  both batches (the shared recipe, :meth:`OnPolicyMethod.batch_from_rollouts`);
-  it returns A's batch and keeps B's, split into the same micro-batches;
-- :meth:`OPCoD.loss` returns loss_A + loss_B for each micro-batch (each
-  normalised by its own model's global token count), so the trainer's single
-  backward fills both models' gradients;
-- the trainer clips and steps A's optimizer; :meth:`OPCoD.after_step` clips
-  and steps B's (its own AdamW with the same settings and schedule), which the
-  method owns, with its weights, optimizer and scheduler in the checkpoint's
-  method state. B is saved to ``OUTPUT/peer_model`` at the end and evaluated
-  before/after (``OUTPUT/peer_results.json``).
-
-``opcod.update_peer=false`` keeps B frozen: one-way distillation into A.
+``opcod.update_peer=false`` keeps B frozen (no trainee): one-way distillation into A.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -37,10 +33,9 @@ from typing import Any
 import torch
 
 from selfdistill.config_io import ConfigError
-from selfdistill.methods.base import TrainBatch, register
+from selfdistill.methods.base import TrainBatch, Trainee, register
 from selfdistill.methods.onpolicy import Group, OnPolicyMethod
 from selfdistill.models import unwrap
-from selfdistill.objectives import global_token_count
 from selfdistill.methods.opcod.views import Attempts, mean_answer_logprob, teacher_views
 from selfdistill.rollout import Rollouts
 from selfdistill.scoring import target_logprobs
@@ -97,27 +92,21 @@ class OPCoD(_Student):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         from selfdistill.models import load_model
-        from selfdistill.trainer import _lr_lambda
 
         cfg = ctx.cfg
         self.check(cfg, ctx.tasks)
         peer_model, _ = load_model(replace(cfg.model, path=cfg.opcod.peer), device=ctx.device)
-        self.peer = _Student(replace(ctx, model=peer_model))
-        self.peer_params = [p for p in peer_model.parameters() if p.requires_grad]
-        self.opt = self.sched = None
-        if cfg.opcod.update_peer:
-            o = cfg.optim
-            self.opt = torch.optim.AdamW(self.peer_params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
-        else:
-            for p in self.peer_params:
+        if not cfg.opcod.update_peer:
+            for p in peer_model.parameters():
                 p.requires_grad_(False)
+        self.peer = _Student(replace(ctx, model=peer_model))
         self.peer_before: list[dict] | None = None
-        self._peer_micro: list[TrainBatch] = []
-        self._peer_tokens: torch.Tensor | None = None
-        self._calls = 0
-        self._losses = [0.0, 0.0]
-        self._info: dict[str, float] = {}
+
+    def trainees(self) -> list[Trainee]:
+        """B, stepped by the trainer like A (none when ``opcod.update_peer=false``)."""
+        if not self.ctx.cfg.opcod.update_peer:
+            return []
+        return [Trainee("peer", self.peer.ctx.model, self.peer.loss, self.peer.token_mask)]
 
     @classmethod
     def check(cls, cfg, tasks) -> None:
@@ -162,62 +151,27 @@ class OPCoD(_Student):
         self.views, stats_a = teacher_views(ocfg, items, att_a, att_b)
         batch = self.batch_from_rollouts(ro_a, groups_a, t_rollout)
         batch.info.update(stats_a)
-        self._peer_micro, self._peer_tokens, self._calls, self._losses = [], None, 0, [0.0, 0.0]
         self.peer.views, stats_b = teacher_views(ocfg, items, att_b, att_a)
         if ocfg.update_peer:
-            peer_batch = self.peer.batch_from_rollouts(ro_b, groups_b)
-            self._peer_micro = peer_batch.split(ctx.cfg.micro_batch_size)
-            self._peer_tokens = global_token_count([self.peer.token_mask(m) for m in self._peer_micro],
-                                                   ctx.accelerator)
+            batch.others["peer"] = self.peer.batch_from_rollouts(ro_b, groups_b)
         batch.info.update({f"peer_{k}": v for k, v in stats_b.items()})
-        self._info = batch.info  # the trainer logs this dict after after_step: per-model losses are added there
         return batch
 
-    def loss(self, micro: TrainBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, info = super().loss(micro, num_tokens)
-        self._losses[0] += float(loss.detach())
-        if self._peer_micro:
-            # The trainer calls loss() once per micro-batch, in order; B's batch has the same rows and split.
-            pm = self._peer_micro[self._calls]
-            self._calls += 1
-            self.peer.ctx.model.train()
-            loss_b, _ = self.peer.loss(pm, self._peer_tokens)
-            self._losses[1] += float(loss_b.detach())
-            loss = loss + loss_b
-        return loss, info
-
     def after_step(self, step: int) -> None:
-        from selfdistill.trainer import _all_reduce_grads
-
         super().after_step(step)
-        ctx, cfg = self.ctx, self.ctx.cfg
-        self._info.update(loss_student=self._losses[0], loss_peer=self._losses[1])
-        if self.opt is not None:
-            _all_reduce_grads(self.peer_params, ctx.accelerator)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.peer_params, clip)
-            finite = bool(torch.isfinite(norm)) and math.isfinite(self._losses[1])
-            if finite:
-                self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+        if self.ctx.cfg.opcod.update_peer:
             self.peer.teacher.update(step)
-            self._info.update(peer_grad_norm=float(norm), peer_skipped=not finite)
-        if step + 1 == cfg.steps:
+        if step + 1 == self.ctx.cfg.steps:
             self._finish()
 
     def _finish(self) -> None:
-        """Save the peer (``OUTPUT/peer_model``) and its before/after evaluation (``peer_results.json``)."""
+        """The peer's before/after evaluation (``peer_results.json``; the trainer saves ``peer_model``)."""
         from selfdistill.evaluate import SplitResult, format_table, results_to_json
-        from selfdistill.trainer import unwrap_for_save
 
         ctx = self.ctx
         after = results_to_json(self._eval_peer()) if ctx.cfg.eval_after else None
         if not ctx.accelerator.is_main_process:
             return
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        unwrap_for_save(self.peer.ctx.model).save_pretrained(ctx.out_dir / "peer_model", safe_serialization=True)
-        ctx.tokenizer.save_pretrained(ctx.out_dir / "peer_model")
         (ctx.out_dir / "peer_results.json").write_text(json.dumps(
             {"peer": ctx.cfg.opcod.peer, "updated": ctx.cfg.opcod.update_peer, "before": self.peer_before,
              "after": after}, indent=2) + "\n")
@@ -225,26 +179,15 @@ class OPCoD(_Student):
             ctx.log("peer before/after:\n" + format_table([SplitResult(**r) for r in self.peer_before],
                                                            [SplitResult(**r) for r in after]))
 
-    # -- checkpoints: the peer's weights, optimizer, scheduler, teacher and first evaluation
+    # -- checkpoints: the peer's teacher and first evaluation (its weights and optimizer: the trainer's)
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["peer"] = {
-            "model": {k: v.detach().cpu().clone() for k, v in self.peer.ctx.model.state_dict().items()},
-            "teacher": self.peer.teacher.state_dict(),
-            "optimizer": self.opt.state_dict() if self.opt is not None else None,
-            "scheduler": self.sched.state_dict() if self.sched is not None else None,
-            "before": self.peer_before,
-        }
+        state["peer"] = {"teacher": self.peer.teacher.state_dict(), "before": self.peer_before}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         peer = state.get("peer")
-        if not peer:
-            return
-        self.peer.ctx.model.load_state_dict(peer["model"])
-        self.peer.teacher.load_state_dict(peer.get("teacher", {}))
-        if self.opt is not None and peer.get("optimizer") is not None:
-            self.opt.load_state_dict(peer["optimizer"])
-            self.sched.load_state_dict(peer["scheduler"])
-        self.peer_before = peer.get("before")
+        if peer:
+            self.peer.teacher.load_state_dict(peer.get("teacher", {}))
+            self.peer_before = peer.get("before")
