@@ -1,16 +1,20 @@
-"""The miniature results table: several methods x seeds on the toy world, one command.
+"""The one table runner: rows x seeds of training runs, one command, for every table.
 
-``selfdistill table --preset spd`` trains every row of the preset for every
-seed (each a normal ``train`` run, in ``--out/runs/ROW-sSEED``), reads the
-after-training accuracies, and writes ``results.md`` / ``results.json`` with
-mean +- sample standard deviation (ddof = 1) over seeds per domain and split,
-wall time, and for each row a paired per-item comparison with its baseline
-(``BASELINES``; ``base`` by default): the mean difference with a 95%
-bootstrap interval over seeds and items (:mod:`selfdistill.stats`).
-The ``base`` row is the untrained model evaluated with each seed's
-evaluation settings. Rows are ordinary flag overrides, so any ablation is a
-new line here or ``--rows NAME=--flag,value,...`` on the command line.
-Finished runs are reused, so an interrupted table continues where it stopped.
+``selfdistill table --preset spd`` (and ``selfdistill ccopd table`` /
+``selfdistill opcod table``, which build their preset from their own flags)
+trains every row of the preset for every seed (each a normal ``train`` run, in
+``--out/runs/ROW-sSEED``), reads or makes the after-training accuracies, and
+writes ``results.md`` / ``results.json`` with mean +- sample standard
+deviation (ddof = 1) over seeds per domain and split, wall time, and for each
+row a paired per-item comparison with its baseline (``Preset.baselines``;
+``base`` by default): the mean difference with a 95% bootstrap interval over
+seeds and items (:mod:`selfdistill.stats`). The ``base`` row is the untrained
+model evaluated with each seed's evaluation settings. Rows are ordinary flag
+overrides (:class:`Run`); a row may be several runs and a run may train
+several models (OPCoD). A method's own presets live in its folder
+(``selfdistill/methods/<name>/table.py``). Finished runs are reused, so an
+interrupted table continues where it stopped, and every reused run whose
+saved settings differ from the row's says so.
 """
 
 from __future__ import annotations
@@ -18,28 +22,60 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, flatten, from_dict, set_dotted, to_dict
 
-#: Rows per preset: name -> dotted overrides on top of the common settings.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "spd": {
-        "base": {},
-        "ssd": {"method": "ssd"},
-        "spd": {"method": "spd", "spd.beta": 0.5},
-        "spd-random": {"method": "spd", "spd.beta": 0.5, "spd.subspace": "random"},
-        "spd-alltokens": {"method": "spd", "spd.beta": 0.5, "spd.selector": "all"},
-        "spd-beta0": {"method": "spd", "spd.beta": 0.0},
-        "spd-beta0.8": {"method": "spd", "spd.beta": 0.8},
-        "spd-beta0.9": {"method": "spd", "spd.beta": 0.9},
-        "spd-rank2": {"method": "spd", "spd.beta": 0.5, "spd.rank": 2},
-        "spd-rank32": {"method": "spd", "spd.beta": 0.5, "spd.rank": 32},
-    },
-    "privileged": {
+@dataclass(frozen=True)
+class Run:
+    """One training run of a table row: its overrides, its folder's suffix, and which trained model is which.
+
+    ``outputs`` maps a label to ``"model"`` (the run's own model) or a trainee's name (e.g. OPCoD's ``"peer"``,
+    whose results the method writes to ``<name>_results.json``); label ``""`` is the row itself.
+    """
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    suffix: str = ""
+    outputs: dict[str, str] = field(default_factory=lambda: {"": "model"})
+
+
+@dataclass
+class Preset:
+    """A table: rows (each a list of runs; an empty list is the untrained model), baselines, how to evaluate.
+
+    Presets of one method live in its folder (``selfdistill/methods/<name>/table.py``, listed in
+    :data:`PRESET_MODULES`); comparisons across methods live here (:data:`PRESETS`).
+    """
+
+    name: str
+    rows: dict[str, list[Run]]
+    #: The row each row is compared with (rows not named: ``base``).
+    baselines: dict[str, str] = field(default_factory=dict)
+    #: Dotted overrides under every run (the command's ``--common`` and then the row's own win over these).
+    common: dict[str, Any] = field(default_factory=dict)
+    #: Top-level settings of every training run (e.g. ``eval_after=False`` when the table evaluates).
+    top: dict[str, Any] = field(default_factory=dict)
+    #: The untrained row's models: label -> model path (default: the settings' ``model.path``, label ``""``).
+    base_models: dict[str, str] = field(default_factory=dict)
+    #: When set, the table evaluates every model itself: (model path, run settings) -> per-split results.
+    evaluate: Callable[[str, TrainConfig], list[dict]] | None = None
+    #: Where a trained run's table evaluation is cached (with ``evaluate``).
+    eval_file: str = "table_eval.json"
+    #: (table, seeds) -> Markdown; default :func:`format_markdown`.
+    format: Callable[[dict[str, Any], list[int]], str] | None = None
+
+
+def single_runs(spec: dict[str, dict[str, Any]]) -> dict[str, list[Run]]:
+    """Rows given as name -> overrides of one run (``base`` = the untrained model)."""
+    return {name: ([] if name == "base" else [Run(dict(over))]) for name, over in spec.items()}
+
+
+#: Comparisons across methods (one method's own presets are in its folder: PRESET_MODULES).
+PRESETS: dict[str, Preset] = {
+    "privileged": Preset("privileged", single_runs({
         "base": {},
         "sft": {"method": "sft"},
         "opsd": {"method": "opsd"},
@@ -47,10 +83,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 8 prompts x 4 samples: the same 32 sequences per step as the other rows.
         "sdpo": {"method": "sdpo", "batch_size": 8, "onpolicy.samples_per_prompt": 4, "distill.topk": 20,
                  "distill.is_clip": 2.0, "teacher.kind": "ema"},
-    },
+    })),
     # Feedback family (docs/methods/sgsd_critique.md). Group methods: 8 prompts x 4 samples, the same 32
     # sequences per step as the one-sample rows.
-    "feedback": {
+    "feedback": Preset("feedback", single_runs({
         "base": {},
         "grpo": {"method": "grpo", "batch_size": 8, "onpolicy.samples_per_prompt": 4},
         "opsd": {"method": "opsd"},
@@ -58,11 +94,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "critique-reward": {"method": "critique", "critique.feedback": "reward"},
         "critique-reference": {"method": "critique", "critique.feedback": "reference"},
         "critique-step": {"method": "critique", "critique.feedback": "step"},
-    },
+    })),
     # What OPD changes in the weights (docs/methods/opd_analysis.md; scripts/opd_analysis_table.sh): OPSD
     # against GRPO and SFT at equal steps, then OPSD retrained on coordinate masks ({out} and {seed} are
     # this table's folder and the row's seed; the masks come from `selfdistill analyze mask`).
-    "opd-analysis": {
+    "opd-analysis": Preset("opd-analysis", single_runs({
         "base": {},
         "sft": {"method": "sft"},
         "opsd": {"method": "opsd"},
@@ -70,28 +106,39 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "opsd-ownmask": {"method": "opsd", "optim.mask": "{out}/masks/opsd-s{seed}.safetensors"},
         "opsd-randmask": {"method": "opsd", "optim.mask": "{out}/masks/opsd-s{seed}-random.safetensors"},
         "opsd-grpomask": {"method": "opsd", "optim.mask": "{out}/masks/grpo-s{seed}.safetensors"},
-    },
+    }), baselines={"opsd-ownmask": "opsd", "opsd-randmask": "opsd-ownmask", "opsd-grpomask": "opsd-ownmask"}),
 }
 
-
-#: The row each row is compared with, per preset (rows not named here: ``base``).
-BASELINES: dict[str, dict[str, str]] = {
-    "spd": {"spd": "ssd", "spd-random": "spd", "spd-alltokens": "spd", "spd-beta0": "spd", "spd-beta0.8": "spd",
-            "spd-beta0.9": "spd", "spd-rank2": "spd", "spd-rank32": "spd"},
-    "opd-analysis": {"opsd-ownmask": "opsd", "opsd-randmask": "opsd-ownmask", "opsd-grpomask": "opsd-ownmask"},
-}
+#: A method's own presets: name -> module whose ``preset()`` returns it (imported only when used).
+PRESET_MODULES: dict[str, str] = {"spd": "selfdistill.methods.spd.table", "ccopd": "selfdistill.methods.ccopd.table",
+                                  "opcod": "selfdistill.methods.opcod.table"}
 
 
-def baseline_of(preset: str, row: str) -> str | None:
+def preset_names() -> list[str]:
+    return [*PRESET_MODULES, *PRESETS]
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (a method's is built by its folder with its default settings)."""
+    import importlib
+
+    if name in PRESETS:
+        return PRESETS[name]
+    if name in PRESET_MODULES:
+        return importlib.import_module(PRESET_MODULES[name]).preset()
+    raise ConfigError(f"preset: unknown {name!r}; known: {', '.join(preset_names())}")
+
+
+def baseline_of(preset: Preset, row: str) -> str | None:
     """The row ``row`` is compared with (None for the base row itself)."""
-    return None if row == "base" else BASELINES.get(preset, {}).get(row, "base")
+    return None if row == "base" else preset.baselines.get(row, "base")
 
 
 @dataclass
 class TableConfig:
     """``selfdistill table``: which rows, seeds and common settings."""
 
-    preset: str = field(default="spd", metadata={"help": f"Rows to run: {', '.join(PRESETS)}."})
+    preset: str = field(default="spd", metadata={"help": f"Rows to run: {', '.join(preset_names())}."})
     rows: list[str] = field(default_factory=list, metadata={
         "help": "Only these rows of the preset (default: all)."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds."})
@@ -139,62 +186,121 @@ def run_config(overrides: dict[str, Any], seed: int, output_dir: Path, **top: An
     return from_dict(TrainConfig, data)
 
 
-def _row_config(name: str, overrides: dict[str, Any], seed: int, out: Path, common: dict[str, Any]) -> TrainConfig:
+def _run_config(preset: Preset, name: str, run: Run, seed: int, out: Path, common: dict[str, Any],
+                **top: Any) -> TrainConfig:
+    """One run's settings: the preset's common overrides, the command's, then the row's; its folder."""
     # String settings may name the table's folder and the row's seed (e.g. a per-seed mask file).
     # (Plain replacement, not str.format: a row's prompt template keeps its own {placeholders}.)
     overrides = {k: v.replace("{out}", str(out)).replace("{seed}", str(seed)) if isinstance(v, str) else v
-                 for k, v in overrides.items()}
-    return run_config({**common, **overrides}, seed, out / "runs" / f"{name}-s{seed}",
-                      **({"steps": 1} if name == "base" else {}))
+                 for k, v in {**preset.common, **common, **run.overrides}.items()}
+    tag = f"{name}-{run.suffix}" if run.suffix else name
+    return run_config(overrides, seed, out / "runs" / f"{tag}-s{seed}", **{**preset.top, **top})
 
 
-def _run_base(cfg: TrainConfig) -> dict[str, Any]:
-    """Evaluate the untrained model with the row's evaluation settings."""
+def plain_evaluate(model_path: str, cfg: TrainConfig) -> list[dict]:
+    """A model's accuracy on the run's tasks with the run's evaluation settings."""
+    from dataclasses import replace
+
     from selfdistill.evaluate import evaluate, results_to_json
     from selfdistill.models import load_model
     from selfdistill.tasks.registry import build_tasks
 
-    t0 = time.time()
-    model, tok = load_model(cfg.model)
-    res = evaluate(model, tok, build_tasks(cfg.data), cfg.eval, cfg.model.system_prompt or None)
-    return {"method": "base", "wall_s": time.time() - t0, "before": None, "after": results_to_json(res)}
+    model, tok = load_model(replace(cfg.model, path=model_path))
+    return results_to_json(evaluate(model, tok, build_tasks(cfg.data), cfg.eval, cfg.model.system_prompt or None))
 
 
-def run_table(tc: TableConfig, log=print) -> Path:
-    """Run (or reuse) every row x seed, then write the table."""
-    if tc.preset not in PRESETS:
-        raise ConfigError(f"preset: unknown {tc.preset!r}; known: {', '.join(PRESETS)}")
-    rows = PRESETS[tc.preset]
-    names = check_rows(tc.rows, rows, f"in preset {tc.preset}")
-    common = parse_common(tc.common)
-    out = Path(tc.out)
-    model = _row_config("base", {}, 0, out, common).model.path
-    check_world(out, model)
-    checked = preconditions(model, out, log) if tc.check else ""
+def _key(row: str, label: str) -> str:
+    return f"{row}/{label}" if label else row
+
+
+def _base_results(preset: Preset, name: str, seed: int, out: Path, common: dict[str, Any], log) -> dict[str, dict]:
+    """The untrained row: every base model evaluated with the seed's evaluation settings (cached per label)."""
+    cfg = _run_config(preset, name, Run(), seed, out, common, steps=1)
+    models = preset.base_models or {"": cfg.model.path}
+    folder = Path(cfg.output_dir)
+    got = {}
+    for label, path in models.items():
+        done = folder / (f"results-{label}.json" if label else "results.json")
+        if not done.exists():
+            log(f"== {_key(name, label)} seed {seed}")
+            t0 = time.time()
+            after = (preset.evaluate or plain_evaluate)(path, cfg)
+            folder.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"method": "base", "model": path, "wall_s": time.time() - t0,
+                                        "before": None, "after": after}, indent=2))
+        got[label] = json.loads(done.read_text())
+    return got
+
+
+def _trained_results(preset: Preset, name: str, run: Run, seed: int, out: Path, common: dict[str, Any],
+                     log) -> dict[str, dict]:
+    """One training run of a row (reused when finished) and the results of each model it names."""
+    cfg = _run_config(preset, name, run, seed, out, common)
+    run_dir = Path(cfg.output_dir)
+    if (run_dir / "results.json").exists():
+        note_if_changed(run_dir.name.rsplit("-s", 1)[0], seed, run_dir, cfg, log)
+    else:
+        log(f"== {run_dir.name.rsplit('-s', 1)[0]} seed {seed}")
+        train_row(cfg)
+    main = json.loads((run_dir / "results.json").read_text())
+    got = {}
+    for label, which in run.outputs.items():
+        model_dir = run_dir / ("model" if which == "model" else f"{which}_model")
+        if preset.evaluate is not None:
+            stem = preset.eval_file.rsplit(".", 1)[0]
+            done = run_dir / (preset.eval_file if which == "model" else f"{stem}-{which}.json")
+            if not done.exists():
+                t0 = time.time()
+                after = preset.evaluate(str(model_dir), cfg)
+                done.write_text(json.dumps({"row": name, "seed": seed, "model": str(model_dir),
+                                            "wall_s": main.get("wall_s", 0.0) + time.time() - t0,
+                                            "after": after}, indent=2))
+            got[label] = json.loads(done.read_text())
+        elif which == "model":
+            got[label] = main
+        else:  # a trainee's own evaluation, written by its method
+            got[label] = {"wall_s": main.get("wall_s", 0.0),
+                          "after": json.loads((run_dir / f"{which}_results.json").read_text())["after"]}
+    return got
+
+
+def run_preset(preset: Preset, rows: list[str], seeds: list[int], out: str | Path, common: dict[str, Any],
+               log=print, check: bool = False) -> Path:
+    """Every table: run (or reuse) each row x seed, summarise with paired intervals, write results.md/.json.
+
+    ``rows`` empty = all of the preset's. With ``check``, the toy world's preconditions on the rows' model
+    (run once per folder) lead the table. A folder made on another world or model is refused.
+    """
+    names = check_rows(rows, preset.rows, f"in preset {preset.name}")
+    out = Path(out)
+    base_cfg = _run_config(preset, "base", Run(), 0, out, common)
+    check_world(out, next(iter((preset.base_models or {"": base_cfg.model.path}).values())))
+    checked = preconditions(base_cfg.model.path, out, log) if check else ""
     results: dict[str, list[dict[str, Any]]] = {}
+    baselines: dict[str, str | None] = {}
     for name in names:
-        for seed in tc.seeds:
-            cfg = _row_config(name, rows[name], seed, out, common)
-            run_dir = Path(cfg.output_dir)
-            done = run_dir / "results.json"
-            if done.exists():
-                note_if_changed(name, seed, run_dir, cfg, log)
-            else:
-                log(f"== {name} seed {seed}")
-                if name == "base":
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    done.write_text(json.dumps(_run_base(cfg), indent=2))
-                else:
-                    train_row(cfg)
-            results.setdefault(name, []).append(json.loads(done.read_text()))
-    table = summarise(results, {n: baseline_of(tc.preset, n) for n in names})
-    (out / "results.json").write_text(json.dumps({"preset": tc.preset, "seeds": tc.seeds, "common": common,
-                                                  "rows": {n: rows[n] for n in names}, "table": table},
-                                                 indent=2) + "\n")
-    md = (checked + "\n\n" if checked else "") + format_markdown(table, tc)
+        for seed in seeds:
+            runs = preset.rows[name]
+            parts = [_base_results(preset, name, seed, out, common, log)] if not runs else [
+                _trained_results(preset, name, run, seed, out, common, log) for run in runs]
+            for got in parts:
+                for label, res in got.items():
+                    results.setdefault(_key(name, label), []).append(res)
+                    base = baseline_of(preset, name)
+                    baselines[_key(name, label)] = _key(base, label) if base else None
+    table = summarise(results, baselines)
+    record = {"preset": preset.name, "seeds": list(seeds), "common": {**preset.common, **common},
+              "rows": {n: [asdict(r) for r in preset.rows[n]] for n in names}, "table": table}
+    (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    md = (checked + "\n\n" if checked else "") + (preset.format or format_markdown)(table, list(seeds))
     (out / "results.md").write_text(md)
     log(md)
     return out / "results.md"
+
+
+def run_table(tc: TableConfig, log=print) -> Path:
+    """``selfdistill table``: one preset's rows x seeds (see :func:`run_preset`)."""
+    return run_preset(get_preset(tc.preset), tc.rows, tc.seeds, tc.out, parse_common(tc.common), log, check=tc.check)
 
 
 def train_row(cfg: TrainConfig) -> None:
@@ -338,13 +444,13 @@ def summarise(results: dict[str, list[dict[str, Any]]], baselines: dict[str, str
     return table
 
 
-def format_markdown(table: dict[str, Any], tc: TableConfig) -> str:
+def format_markdown(table: dict[str, Any], seeds: list[int]) -> str:
     """One Markdown table per mode (greedy, sampled): rows x (domain, split)."""
     keys = sorted({k for row in table.values() for k in row["cells"]})
     out = []
     for mode in ("greedy", "sampled"):
         head = ["row"] + [k.replace("toy-", "").replace("/test_", " ") for k in keys] + ["mean", "wall s"]
-        lines = [f"**{mode} accuracy %** (mean ± sample std, ddof=1, over seeds {', '.join(map(str, tc.seeds))})", "",
+        lines = [f"**{mode} accuracy %** (mean ± sample std, ddof=1, over seeds {', '.join(map(str, seeds))})", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for name, row in table.items():
             vals = [row["cells"].get(k, {}).get(mode) for k in keys]

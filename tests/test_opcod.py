@@ -220,3 +220,30 @@ def test_a_non_finite_peer_step_is_skipped_and_counts_towards_max_bad_steps(tiny
     assert [r["skipped_peer"] for r in rows] == [True, True] and all(r["skipped"] for r in rows)
     assert all(math.isfinite(r["loss_student"]) for r in rows)
     assert "non-finite loss or gradient (peer), step skipped" in (out / "run.log").read_text()
+
+
+def test_opcod_table_runs_through_the_one_table_runner(tiny_model_dir, peer_dir, tmp_path, monkeypatch):
+    """Rows of several runs, a run that trains two models, base rows of two models: keys ROW/A and ROW/B,
+    each compared with base/A or base/B on the same items; finished runs reused."""
+    import shutil
+
+    import selfdistill.tasks.verify as V
+    from selfdistill.methods.opcod.table import OPCoDTableConfig, run_opcod_table
+
+    monkeypatch.setattr(V, "verify_item", lambda item, text: True)
+    for d, src in (("math", tiny_model_dir), ("code", peer_dir)):
+        shutil.copytree(src, tmp_path / "peers" / d / "model")
+    common = ["steps=1", "batch_size=2", "micro_batch_size=2", "data.train_size=4", "data.test_size=2",
+              "rollout.max_new_tokens=4", "eval.max_items=1", "eval.max_new_tokens=4", "eval.samples=0",
+              "eval.splits=test_id", "onpolicy.samples_per_prompt=2", "opcod.gate=always"]
+    tc = OPCoDTableConfig(peers=str(tmp_path / "peers"), rows=["base", "opcod", "sft"], seeds=[0],
+                          out=str(tmp_path / "t"), common=common)
+    text = run_opcod_table(tc, log=lambda s: None).read_text()
+    assert "| opcod | A |" in text and "| opcod | B |" in text and "| sft | B |" in text
+    table = json.loads((tmp_path / "t" / "results.json").read_text())["table"]
+    assert set(table) == {"base/A", "base/B", "opcod/A", "opcod/B", "sft/A", "sft/B"}
+    assert table["opcod/B"]["baseline"] == "base/B" and table["sft/A"]["baseline"] == "base/A"
+    assert (tmp_path / "t" / "runs" / "opcod-s0" / "peer_model" / "config.json").exists()
+    stamp = (tmp_path / "t" / "runs" / "sft-b-s0" / "results.json").stat().st_mtime
+    run_opcod_table(tc, log=lambda s: None)
+    assert (tmp_path / "t" / "runs" / "sft-b-s0" / "results.json").stat().st_mtime == stamp

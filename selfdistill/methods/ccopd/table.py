@@ -1,6 +1,7 @@
 """The CCOPD table (``selfdistill ccopd table``): trained on toy math only, FULL / SHARDED / CONCAT after.
 
-Each row x seed is a normal ``train`` run (``--out/runs/ROW-sSEED``, reused
+A preset of the one table runner (:func:`selfdistill.experiments.run_preset`):
+each row x seed is a normal ``train`` run (``--out/runs/ROW-sSEED``, reused
 when finished) followed by :func:`~selfdistill.methods.ccopd.evaluate.evaluate_settings`
 on every evaluation task (math in-domain; code and multiple-choice zero-shot)
 in every setting; ``base`` is the untrained model. ``results.md`` holds mean
@@ -10,15 +11,13 @@ SHARDED gain and FULL change of each row against ``base``.
 
 from __future__ import annotations
 
-import json
 import statistics
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from selfdistill.config import TrainConfig
-from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise, train_row
+from selfdistill.experiments import Preset, Run, parse_common, run_preset
 
 #: Rows: name -> dotted overrides on top of ``method=ccopd`` (None = the untrained model).
 CCOPD_ROWS: dict[str, dict[str, Any] | None] = {
@@ -45,57 +44,31 @@ class CCOPDTableConfig:
         "help": "Extra dotted overrides for every row, as key=value (e.g. steps=20)."})
 
 
-def row_config(name: str, overrides: dict[str, Any] | None, seed: int, out: Path, tc: CCOPDTableConfig,
-               method: str = "ccopd") -> TrainConfig:
-    """The training config of one row and seed (evaluation is done by the table, not the run)."""
-    over = {"method": method, "data.tasks": list(tc.train_tasks), **parse_common(tc.common), **(overrides or {})}
-    return run_config(over, seed, out / "runs" / f"{name}-s{seed}", eval_after=False)
+def preset(tc: CCOPDTableConfig | None = None) -> Preset:
+    """The CCOPD table as a preset of the one table runner: trained on ``train_tasks``, every model
+    evaluated by the table in every setting on ``eval_tasks``."""
+    tc = tc or CCOPDTableConfig()
 
+    def evaluate(model_path: str, cfg: TrainConfig) -> list[dict]:
+        from selfdistill.evaluate import results_to_json
+        from selfdistill.methods.ccopd.evaluate import evaluate_settings
+        from selfdistill.models import load_model
+        from selfdistill.tasks.registry import build_tasks
 
-def _evaluate(model_path: str, cfg: TrainConfig, tc: CCOPDTableConfig) -> list[dict]:
-    from selfdistill.methods.ccopd.evaluate import evaluate_settings
-    from selfdistill.evaluate import results_to_json
-    from selfdistill.models import load_model
-    from selfdistill.tasks.registry import build_tasks
+        model, tok = load_model(replace(cfg.model, path=model_path))
+        tasks = build_tasks(replace(cfg.data, tasks=list(tc.eval_tasks)))
+        res = evaluate_settings(model, tok, tasks, cfg.eval, cfg.ccopd, tc.settings, cfg.model.system_prompt or None)
+        return results_to_json(res)
 
-    model, tok = load_model(replace(cfg.model, path=model_path))
-    tasks = build_tasks(replace(cfg.data, tasks=list(tc.eval_tasks)))
-    res = evaluate_settings(model, tok, tasks, cfg.eval, cfg.ccopd, tc.settings, cfg.model.system_prompt or None)
-    return results_to_json(res)
+    rows = {n: [] if over is None else [Run(dict(over))] for n, over in CCOPD_ROWS.items()}
+    return Preset("ccopd", rows, common={"method": "ccopd", "data.tasks": list(tc.train_tasks)},
+                  top={"eval_after": False}, evaluate=evaluate, eval_file="ccopd_eval.json",
+                  format=lambda table, seeds: format_ccopd_markdown(table, replace(tc, seeds=list(seeds))))
 
 
 def run_ccopd_table(tc: CCOPDTableConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every row x seed, evaluate in every setting, write results.md / results.json."""
-    names = check_rows(tc.rows, CCOPD_ROWS, "a CCOPD row")
-    out = Path(tc.out)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name in names:
-        for seed in tc.seeds:
-            cfg = row_config(name, CCOPD_ROWS[name], seed, out, tc)
-            run_dir = Path(cfg.output_dir)
-            done = run_dir / "ccopd_eval.json"
-            if done.exists() and CCOPD_ROWS[name] is not None:
-                note_if_changed(name, seed, run_dir, cfg, log)
-            if not done.exists():
-                log(f"== {name} seed {seed}")
-                t0 = time.time()
-                model_path = cfg.model.path
-                if CCOPD_ROWS[name] is not None:
-                    if not (run_dir / "model" / "config.json").exists():
-                        train_row(cfg)
-                    model_path = str(run_dir / "model")
-                after = _evaluate(model_path, cfg, tc)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                done.write_text(json.dumps({"row": name, "seed": seed, "wall_s": time.time() - t0,
-                                            "after": after}, indent=2))
-            results.setdefault(name, []).append(json.loads(done.read_text()))
-    table = summarise(results)
-    md = format_ccopd_markdown(table, tc)
-    (out / "results.json").write_text(json.dumps({"seeds": tc.seeds, "rows": {n: CCOPD_ROWS[n] for n in names},
-                                                  "common": tc.common, "table": table}, indent=2) + "\n")
-    (out / "results.md").write_text(md)
-    log(md)
-    return out / "results.md"
+    return run_preset(preset(tc), tc.rows, tc.seeds, tc.out, parse_common(tc.common), log)
 
 
 def format_ccopd_markdown(table: dict[str, Any], tc: CCOPDTableConfig) -> str:

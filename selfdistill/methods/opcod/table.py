@@ -12,6 +12,7 @@ Models A and B are the peers of ``selfdistill opcod make-peers``
   own verified rollouts (no peer);
 - ``sft``: single-model fine-tuning of each model on both domains (labels).
 
+A preset of the one table runner (:func:`selfdistill.experiments.run_preset`).
 The table reports mean ± std over seeds per model and (domain, split), and
 whether each row is a Pareto improvement over ``base``: no model loses on
 any domain (mean over splits) and at least one gains.
@@ -19,37 +20,26 @@ any domain (mean over splits) and at least one gains.
 
 from __future__ import annotations
 
-import json
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError
-from selfdistill.experiments import check_rows, note_if_changed, parse_common, run_config, summarise, train_row
-
-
-class Run(NamedTuple):
-    """One training run of a row: student label, peer label (or None), overrides, outputs per label."""
-
-    suffix: str
-    student: str
-    peer: str | None
-    overrides: dict[str, Any]
-    outputs: dict[str, str]  # model label -> "student" | "peer"
-
+from selfdistill.experiments import Preset, Run, parse_common, run_preset
 
 _CO = {"method": "opcod", "onpolicy.samples_per_prompt": 4}
-OPCOD_ROWS: dict[str, list[Run]] = {
+#: Rows: the runs of each, as (folder suffix, student label, peer label or None, overrides, label -> output).
+_ROWS: dict[str, list[tuple[str, str, str | None, dict[str, Any], dict[str, str]]]] = {
     "base": [],
-    "opcod": [Run("", "A", "B", dict(_CO), {"A": "student", "B": "peer"})],
-    "oneway": [Run("a", "A", "B", {**_CO, "opcod.update_peer": False}, {"A": "student"}),
-               Run("b", "B", "A", {**_CO, "opcod.update_peer": False}, {"B": "student"})],
-    "self": [Run("", "A", "B", {**_CO, "opcod.gate": "never"}, {"A": "student", "B": "peer"})],
-    "sft": [Run("a", "A", None, {"method": "sft"}, {"A": "student"}),
-            Run("b", "B", None, {"method": "sft"}, {"B": "student"})],
+    "opcod": [("", "A", "B", dict(_CO), {"A": "model", "B": "peer"})],
+    "oneway": [("a", "A", "B", {**_CO, "opcod.update_peer": False}, {"A": "model"}),
+               ("b", "B", "A", {**_CO, "opcod.update_peer": False}, {"B": "model"})],
+    "self": [("", "A", "B", {**_CO, "opcod.gate": "never"}, {"A": "model", "B": "peer"})],
+    "sft": [("a", "A", None, {"method": "sft"}, {"A": "model"}),
+            ("b", "B", None, {"method": "sft"}, {"B": "model"})],
 }
+OPCOD_ROWS = list(_ROWS)
 
 
 @dataclass
@@ -78,64 +68,22 @@ def _models(tc: OPCoDTableConfig) -> dict[str, str]:
     return paths
 
 
-def _config(tc: OPCoDTableConfig, run: Run, name: str, seed: int, models: dict[str, str]) -> TrainConfig:
-    over = {"data.tasks": [f"toy-{d}" for d in tc.domains], "model.path": models[run.student],
-            **({"opcod.peer": models[run.peer]} if run.peer else {}), **parse_common(tc.common), **run.overrides}
-    tag = f"{name}-{run.suffix}" if run.suffix else name
-    return run_config(over, seed, Path(tc.out) / "runs" / f"{tag}-s{seed}", eval_after=True)
-
-
-def _base_eval(tc: OPCoDTableConfig, seed: int, models: dict[str, str]) -> dict[str, list[dict]]:
-    from selfdistill.evaluate import evaluate, results_to_json
-    from selfdistill.models import load_model
-    from selfdistill.tasks.registry import build_tasks
-
-    cfg = _config(tc, Run("", "A", None, {}, {}), "base", seed, models)
-    out = {}
-    for lab, path in models.items():
-        model, tok = load_model(replace(cfg.model, path=path))
-        out[lab] = results_to_json(evaluate(model, tok, build_tasks(cfg.data), cfg.eval,
-                                            cfg.model.system_prompt or None))
-    return out
+def preset(tc: OPCoDTableConfig | None = None) -> Preset:
+    """The OPCoD table as a preset of the one table runner: every row's runs name the model each trains
+    (A or B) and its peer; the table keys are ``ROW/A`` and ``ROW/B``."""
+    tc = tc or OPCoDTableConfig()
+    models = _models(tc)
+    rows = {name: [Run({"model.path": models[student], **({"opcod.peer": models[peer]} if peer else {}), **over},
+                       suffix, outputs) for suffix, student, peer, over, outputs in runs]
+            for name, runs in _ROWS.items()}
+    return Preset("opcod", rows, common={"data.tasks": [f"toy-{d}" for d in tc.domains]}, base_models=models,
+                  format=lambda table, seeds: format_opcod_markdown(table, OPCoDTableConfig(
+                      tc.peers, tc.domains, tc.rows, list(seeds), tc.out, tc.common)))
 
 
 def run_opcod_table(tc: OPCoDTableConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every row x seed; write results.md / results.json."""
-    models = _models(tc)
-    names = check_rows(tc.rows, OPCOD_ROWS, "an OPCoD row")
-    out = Path(tc.out)
-    results: dict[str, list[dict[str, Any]]] = {}  # "row/label" -> per seed {"after": [...]}
-    for name in names:
-        for seed in tc.seeds:
-            if name == "base":
-                done = out / "runs" / f"base-s{seed}" / "results.json"
-                if not done.exists():
-                    log(f"== base seed {seed}")
-                    done.parent.mkdir(parents=True, exist_ok=True)
-                    done.write_text(json.dumps(_base_eval(tc, seed, models), indent=2))
-                for lab, res in json.loads(done.read_text()).items():
-                    results.setdefault(f"base/{lab}", []).append({"after": res, "wall_s": 0.0})
-                continue
-            for run in OPCOD_ROWS[name]:
-                cfg = _config(tc, run, name, seed, models)
-                run_dir = Path(cfg.output_dir)
-                if not (run_dir / "results.json").exists():
-                    log(f"== {name}{'-' + run.suffix if run.suffix else ''} seed {seed}")
-                    train_row(cfg)
-                else:
-                    note_if_changed(run_dir.name, seed, run_dir, cfg, log)
-                main = json.loads((run_dir / "results.json").read_text())
-                for lab, which in run.outputs.items():
-                    after = main["after"] if which == "student" else \
-                        json.loads((run_dir / "peer_results.json").read_text())["after"]
-                    results.setdefault(f"{name}/{lab}", []).append({"after": after, "wall_s": main.get("wall_s", 0)})
-    table = summarise(results)
-    md = format_opcod_markdown(table, tc)
-    (out / "results.json").write_text(json.dumps({"seeds": tc.seeds, "models": models, "common": tc.common,
-                                                  "rows": names, "table": table}, indent=2) + "\n")
-    (out / "results.md").write_text(md)
-    log(md)
-    return out / "results.md"
+    return run_preset(preset(tc), tc.rows, tc.seeds, tc.out, parse_common(tc.common), log)
 
 
 def _domain_mean(row: dict[str, Any], domain: str, mode: str) -> float | None:
@@ -162,7 +110,7 @@ def pareto(table: dict[str, Any], row: str, domains: list[str], mode: str = "gre
 
 def format_opcod_markdown(table: dict[str, Any], tc: OPCoDTableConfig) -> str:
     keys = sorted({k for row in table.values() for k in row["cells"]})
-    rows = sorted({n.split("/")[0] for n in table}, key=lambda n: list(OPCOD_ROWS).index(n))
+    rows = sorted({n.split("/")[0] for n in table}, key=OPCOD_ROWS.index)
     out = []
     for mode in ("greedy", "sampled"):
         if not any(mode in c for row in table.values() for c in row["cells"].values()):
