@@ -149,6 +149,12 @@ def wrap_lora(model, cfg: LoraSettings):
     return get_peft_model(model, lcfg)
 
 
+def unwrap_ddp(model):
+    """Through accelerate/DDP wrappers only: a PEFT model stays one (what ``save_pretrained`` saves as an
+    adapter, and what a teacher needs to disable its adapter)."""
+    return getattr(model, "module", model)
+
+
 def unwrap(model):
     """The underlying ``PreTrainedModel`` (through accelerate/DDP and PEFT wrappers)."""
     m = getattr(model, "module", model)

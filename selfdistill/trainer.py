@@ -52,7 +52,7 @@ from selfdistill.errors import RunInterrupted, TrainingStopped
 from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to_json
 from selfdistill.masking import ParamMask
 from selfdistill.methods.base import Context, get_method
-from selfdistill.models import load_model, unwrap
+from selfdistill.models import load_model, unwrap, unwrap_ddp
 from selfdistill.objectives import global_token_count
 from selfdistill.rundir import FolderLock
 from selfdistill.runlog import HeldLog, RunLog
@@ -325,7 +325,7 @@ def _write_model(folder: Path, model, tok, base_spec: str | None = None) -> None
 
     An adapter names its base portably (``base_spec``: ``toy`` or a hub id as given, a local folder
     absolute), not the resolved path of this machine's package."""
-    unwrap_for_save(model).save_pretrained(folder, safe_serialization=True)
+    unwrap_ddp(model).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     conf = folder / "adapter_config.json"
     if base_spec is not None and conf.is_file():
@@ -462,7 +462,7 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                  "trainees": {t.name: t.state(with_weights=True) for t in stepped[1:]},
                  "method": method.state_dict(), "rng": rng_state(), "skipped_steps": skipped,
                  "before": results_to_json(before) if before else None, "config": to_dict(cfg)}
-        path = save_checkpoint(out / "checkpoints", step, unwrap_for_save(model), tok, state,
+        path = save_checkpoint(out / "checkpoints", step, unwrap_ddp(model), tok, state,
                                keep=cfg.keep_checkpoints)
         say(f"checkpoint {path}")
 
@@ -593,8 +593,3 @@ def trained_texts(tok, batch, method, limit: int) -> list[dict]:
         rows.append({"index": i, "prompt": tok.decode(ids[real & ~comp]), "completion": tok.decode(ids[comp]),
                      "loss_tokens": int(mask[i].sum())})
     return rows
-
-
-def unwrap_for_save(model):
-    """What to ``save_pretrained``: the PEFT model (adapter) or the plain model."""
-    return getattr(model, "module", model)

@@ -12,13 +12,12 @@ completion-token count.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
-from selfdistill.methods.base import Method, TrainBatch, register
-from selfdistill.methods.onpolicy import OnPolicyMethod, unwrap_keep_peft
-from selfdistill.models import unwrap
+from selfdistill.methods.base import TrainBatch, register
+from selfdistill.methods.onpolicy import OnPolicyMethod
+from selfdistill.models import unwrap, unwrap_ddp
 from selfdistill.objectives import clip_fraction, group_advantages, policy_gradient_loss
 from selfdistill.scoring import target_logprobs
 from selfdistill.sequences import make_batch
@@ -34,10 +33,11 @@ class GRPO(OnPolicyMethod):
     summary = "GRPO: verifier rewards, group-normalised advantages, clipped-ratio policy gradient"
     needs_rewards = True
 
-    def __init__(self, ctx) -> None:
-        Method.__init__(self, ctx)  # no teacher view: only a reference model, and only for the KL term
-        g = ctx.cfg.grpo
-        self.teacher = Teacher(unwrap_keep_peft(ctx.model), TeacherConfig(kind="initial")) if g.kl_coef > 0 else None
+    def make_teacher(self) -> Teacher | None:
+        """No teacher view: only the initial model as the reference of the KL term, when it has a weight."""
+        if self.ctx.cfg.grpo.kl_coef <= 0:
+            return None
+        return Teacher(unwrap_ddp(self.ctx.model), TeacherConfig(kind="initial"))
 
     def make_batch(self, step: int, items: list[Item]) -> TrainBatch:
         ctx, g = self.ctx, self.ctx.cfg.grpo
@@ -81,11 +81,3 @@ class GRPO(OnPolicyMethod):
         return loss, {"clip_frac": clip_fraction(logp_BT.detach(), old_BT, adv_B1, mask_BT, clip_eps=g.clip_eps,
                                                  clip_eps_high=g.clip_eps_high)}
 
-    def after_step(self, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from selfdistill.methods.base import Method, TrainBatch
-from selfdistill.models import unwrap
+from selfdistill.models import unwrap, unwrap_ddp
 from selfdistill.rollout import Rollouts, generate
 from selfdistill.scoring import lm_head_weight
 from selfdistill.objectives import divergence_from_hidden
-from selfdistill.sequences import chat_prompt, encode_prompts, forward_hidden, make_batch
+from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, forward_hidden, make_batch
 from selfdistill.tasks.base import Item
 from selfdistill.teachers import Teacher
 
@@ -50,7 +50,11 @@ class OnPolicyMethod(Method):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self.teacher = Teacher(unwrap_keep_peft(ctx.model), ctx.cfg.teacher)
+        self.teacher = self.make_teacher()
+
+    def make_teacher(self) -> Teacher | None:
+        """The teacher whose views score the rollouts (``teacher.*``); a method without one returns None."""
+        return Teacher(unwrap_ddp(self.ctx.model), self.ctx.cfg.teacher)
 
     # -- what subclasses write
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
@@ -100,20 +104,11 @@ class OnPolicyMethod(Method):
 
     def batch_from_rollouts(self, ro: Rollouts, groups: list[Group], t_rollout: float = 0.0) -> TrainBatch:
         """Teacher views, student and teacher sequences, weights for rollouts already sampled."""
-        ctx = self.ctx
         t_users = [u for g in self.teacher_prompts(groups) for u in g]
         keep = [u is not None for u in t_users]
-        t_prompts = [chat_prompt(ctx.tokenizer, u if u is not None else it.prompt, ctx.system)
-                     for u, it in zip(t_users, [g.item for g in groups for _ in g.texts])]
-        t_ids = encode_prompts(ctx.tokenizer, t_prompts)
-        limit = ctx.cfg.onpolicy.max_teacher_prompt_tokens
-        for ids, g in zip(t_ids, [g for g in groups for _ in g.texts]):
-            if len(ids) > limit:
-                raise ValueError(f"teacher prompt for item {g.item.id} has {len(ids)} tokens, over "
-                                 f"onpolicy.max_teacher_prompt_tokens={limit}")
-        pad = ctx.tokenizer.pad_token_id
-        student = make_batch(ro.prompt_ids, ro.completion_ids, pad)
-        teacher = make_batch(t_ids, ro.completion_ids, pad)
+        items = [g.item for g in groups for _ in g.texts]
+        t_ids = self.teacher_ids([u if u is not None else it.prompt for u, it in zip(t_users, items)], items)
+        student, teacher = self.sequences(ro.prompt_ids, ro.completion_ids, t_ids)
         weights = torch.tensor([1.0 if k else 0.0 for k in keep])
         tensors = {"weights_B": weights}
         # distill.is_clip: the rollout policy is the student at these very weights (one update per batch),
@@ -126,6 +121,24 @@ class OnPolicyMethod(Method):
             rs = [r for g in groups for r in (g.rewards or [])]
             info["reward_mean"] = sum(rs) / max(1, len(rs))
         return TrainBatch(student, teacher, tensors, info)
+
+    def teacher_ids(self, users: list[str], items: list[Item]) -> list[list[int]]:
+        """Teacher prompts (user messages through the chat template) as ids, each within
+        ``onpolicy.max_teacher_prompt_tokens`` (else an error naming its item)."""
+        ctx = self.ctx
+        ids_all = encode_prompts(ctx.tokenizer, [chat_prompt(ctx.tokenizer, u, ctx.system) for u in users])
+        limit = ctx.cfg.onpolicy.max_teacher_prompt_tokens
+        for ids, it in zip(ids_all, items):
+            if len(ids) > limit:
+                raise ValueError(f"teacher prompt for item {it.id} has {len(ids)} tokens, over "
+                                 f"onpolicy.max_teacher_prompt_tokens={limit}")
+        return ids_all
+
+    def sequences(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                  teacher_prompt_ids: list[list[int]]) -> tuple[SequenceBatch, SequenceBatch]:
+        """The student's and the teacher's sequences of the same completions (row for row)."""
+        pad = self.ctx.tokenizer.pad_token_id
+        return make_batch(prompt_ids, completion_ids, pad), make_batch(teacher_prompt_ids, completion_ids, pad)
 
     def token_mask(self, batch: TrainBatch) -> torch.Tensor:
         return batch.student.completion_mask_BT[:, 1:] * batch.tensors["weights_B"][:, None].to(
@@ -159,15 +172,12 @@ class OnPolicyMethod(Method):
         return loss * scale if scale != 1.0 else loss
 
     def after_step(self, step: int) -> None:
-        self.teacher.update(step)
+        if self.teacher is not None:
+            self.teacher.update(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.state_dict()}
+        return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.teacher.load_state_dict(state.get("teacher", {}))
-
-
-def unwrap_keep_peft(model):
-    """Through DDP wrappers only: a PEFT model stays a PEFT model (its adapter can be disabled)."""
-    return getattr(model, "module", model)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state.get("teacher", {}))

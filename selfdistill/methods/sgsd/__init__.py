@@ -24,7 +24,7 @@ from selfdistill.methods.onpolicy import OnPolicyMethod
 from selfdistill.models import unwrap
 from selfdistill.objectives import gated_token_loss, teacher_support
 from selfdistill.scoring import target_logprobs
-from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, fill_template, make_batch
+from selfdistill.sequences import SequenceBatch, fill_template
 from selfdistill.methods.sgsd.retrieval import make_similarity
 from selfdistill.methods.sgsd.skills import (AutoExtractor, ModelExtractor, RuleExtractor, SkillBank, Trajectory,
                                             build_skill_bank, teacher_pool)
@@ -169,16 +169,10 @@ class SGSD(OnPolicyMethod):
                 if not pool:  # no teacher: a placeholder row of weight 0 keeps the batch well formed
                     rows.append((b, g.item.prompt, 0.0, r))
                 b += 1
-        t_ids = encode_prompts(ctx.tokenizer, [chat_prompt(ctx.tokenizer, u, ctx.system) for _, u, _, _ in rows])
-        limit = ctx.cfg.onpolicy.max_teacher_prompt_tokens
-        for ids, (i, _, _, _) in zip(t_ids, rows):
-            if len(ids) > limit:
-                raise ValueError(f"teacher prompt for item {groups[i // len(groups[0].texts)].item.id} has "
-                                 f"{len(ids)} tokens, over onpolicy.max_teacher_prompt_tokens={limit}")
-        pad = ctx.tokenizer.pad_token_id
-        comp = [ro.completion_ids[i] for i, _, _, _ in rows]
-        student = make_batch([ro.prompt_ids[i] for i, _, _, _ in rows], comp, pad)
-        teacher = make_batch(t_ids, comp, pad)
+        k = len(groups[0].texts)
+        t_ids = self.teacher_ids([u for _, u, _, _ in rows], [groups[i // k].item for i, _, _, _ in rows])
+        student, teacher = self.sequences([ro.prompt_ids[i] for i, _, _, _ in rows],
+                                          [ro.completion_ids[i] for i, _, _, _ in rows], t_ids)
         drop = excluded_token_ids(ctx.tokenizer, [t for c in ro.completion_ids for t in c], cfg.exclude_chars)
         keep_BT = student.completion_mask_BT.bool()
         if drop:
