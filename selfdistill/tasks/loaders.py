@@ -123,19 +123,7 @@ def load_jsonl(
         raise FileNotFoundError(f"{path}: no such file")
     items: list[Item] = []
     seen: dict[str, int] = {}
-    for lineno, raw in _lines(path):
-        try:
-            line = raw.decode("utf-8").rstrip()
-        except UnicodeDecodeError as e:
-            raise TaskDataError(f"{path}, row {lineno}: not valid UTF-8 (at byte column {e.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{path}, row {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise TaskDataError(f"{path}, row {lineno}: expected a JSON object, got {type(row).__name__}")
+    for lineno, row in json_rows(path):
         try:
             item = _jsonl_item(
                 row,
@@ -152,6 +140,26 @@ def load_jsonl(
         seen[item.id] = lineno
         items.append(item)
     return items
+
+
+def json_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file (``.gz`` too); a line that is not UTF-8,
+    not JSON, or not an object raises :class:`TaskDataError` naming the file and row."""
+    path = Path(path)
+    for lineno, raw in _lines(path):
+        try:
+            line = raw.decode("utf-8").rstrip()
+        except UnicodeDecodeError as e:
+            raise TaskDataError(f"{path}, row {lineno}: not valid UTF-8 (at byte column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}, row {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}, row {lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

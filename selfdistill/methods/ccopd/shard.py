@@ -19,7 +19,6 @@ sentence rule, and each row records which source it came from.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -156,16 +155,10 @@ def load_shards_file(path: str | Path) -> tuple[dict[str, list[str]], dict[str, 
         raise FileNotFoundError(f"ccopd.shards_file {path}: no such file")
     by_id: dict[str, list[str]] = {}
     by_prompt: dict[str, list[str]] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    from selfdistill.tasks.loaders import json_rows
+
+    for lineno, row in json_rows(path):
         where = f"{path}, row {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
         if "shards" not in row:
             raise ValueError(f"{where}, field 'shards': missing")
         shards = _check_shards(row["shards"], where)
