@@ -23,7 +23,8 @@ falls back to ``generate``.
 
 Sampling is the rule of ``generate(do_sample=True)``: logits / temperature,
 then top-k, then top-p (nucleus, at least one token kept), then one
-multinomial draw; temperature 0 is greedy. Positions follow ``generate``'s
+multinomial draw (or, given per-row seeds, the inverse CDF at the row's own
+uniform); temperature 0 is greedy. Positions follow ``generate``'s
 convention for left-padded prompts (0 at the first real token).
 """
 
@@ -148,8 +149,13 @@ class _Decoder:
         return self.lm.lm_head(self.dec.norm(x[:, -1:]))[:, 0]
 
 
-def _pick(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """One token per row, by ``generate``'s rule (temperature, top-k, top-p, multinomial; greedy at 0)."""
+def _pick(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          u_B: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row, by ``generate``'s rule (temperature, top-k, top-p, multinomial; greedy at 0).
+
+    ``u_B``: one uniform in (0, 1] per row, then the draw is the inverse CDF at it (a row's token depends on
+    its own uniform only, not on the other rows of the batch); else ``torch.multinomial`` on the global RNG.
+    """
     logits = logits_BV.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -164,16 +170,35 @@ def _pick(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float)
         remove = cum <= (1 - top_p)
         remove[:, -1] = False
         logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    probs = logits.softmax(-1)
+    if u_B is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return inverse_cdf(probs, u_B)
+
+
+def inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability reaches ``u * total`` (u in (0, 1]): a token of
+    probability zero is never drawn."""
+    cdf = probs_BV.float().cumsum(-1)
+    target = u_B.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    return (cdf < target).sum(-1).clamp(max=probs_BV.shape[-1] - 1)
+
+
+def row_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """(rows, steps) uniforms in (0, 1]: row r's draws come from its own generator seeded by ``seeds[r]``, so a
+    completion depends on (its seed, its prompt, the weights) alone, whatever else shares the batch."""
+    return torch.stack([1.0 - torch.rand(steps, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]) if len(seeds) else torch.zeros((0, steps))
 
 
 @torch.no_grad()
 def sample(model: nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           compact_frac: float = 0.25) -> tuple[list[list[int]], list[bool]]:
+           compact_frac: float = 0.25, row_seeds: Sequence[int] | None = None) -> tuple[list[list[int]], list[bool]]:
     """Completions (cut after the first EOS, kept) and whether each ended with EOS, one per prompt.
 
-    ``model`` must pass :func:`unsupported_reason`; it is used as is (call it in eval mode).
+    ``model`` must pass :func:`unsupported_reason`; it is used as is (call it in eval mode). ``row_seeds``: one
+    seed per prompt; row r's t-th token is drawn with the t-th of its own uniforms (:func:`row_uniforms`).
     """
     n = len(prompt_ids)
     if n == 0:
@@ -216,8 +241,9 @@ def sample(model: nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_tokens
     active = torch.arange(n, device=device)  # original row of each cache row
     alive = torch.ones(n, dtype=torch.bool, device=device)  # cache row has not ended yet
     next_pos = lens.clone()
+    draws = row_uniforms(row_seeds, max_new_tokens).to(device) if row_seeds is not None and temperature > 0 else None
     for t in range(max_new_tokens):
-        tok = _pick(logits, temperature, top_k, top_p)
+        tok = _pick(logits, temperature, top_k, top_p, None if draws is None else draws[active, t])
         out[active, t] = tok
         if t == max_new_tokens - 1:
             break

@@ -18,6 +18,7 @@ to ``hf`` while a view's hooks are installed).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -84,14 +85,26 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
+def row_seed(*key: object) -> int:
+    """A 63-bit seed from a key such as (run seed, step, position in the global batch, sample index): stable
+    across processes and Python runs (unlike ``hash`` of a string)."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big") >> 1
+
+
 def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
-             generator_seed: int | None = None, progress=None, desc: str | None = None) -> Rollouts:
+             generator_seed: int | None = None, progress=None, desc: str | None = None,
+             row_seeds: Sequence[int] | None = None) -> Rollouts:
     """Sample one completion per formatted prompt, in batches, left-padded.
 
     Completions are cut after the first EOS (kept, so SFT learns to stop);
     ``texts`` are decoded without special tokens. ``progress``: called with each batch's size; ``desc``
     (without ``progress``): show a progress bar of that name over the completions (a phase longer than a
     few seconds: SPD's probe, SSD's dataset, a skill bank).
+
+    ``row_seeds`` (one per prompt, e.g. :func:`row_seed` of (seed, step, position, sample)): each completion
+    is drawn from its own random stream, so it does not depend on which prompts share its batch or on how
+    many processes split the work (the lean loop and ``transformers`` ``generate`` draw the same tokens
+    from the same stream). Without them, sampling uses torch's global RNG (``generator_seed`` reseeds it).
     """
     import torch
 
@@ -103,14 +116,31 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
         progress = bar.update
     try:
         with torch.no_grad():
-            return _generate(model, tokenizer, prompts, cfg, generator_seed, progress)
+            return _generate(model, tokenizer, prompts, cfg, generator_seed, progress, row_seeds)
     finally:
         if bar is not None:
             bar.close()
 
 
+def _row_draws(uniforms, prompt_len: int, cfg: SamplingConfig):
+    """A ``transformers`` logits processor that applies the sampling rule with per-row uniforms and leaves only
+    the drawn token (generate then runs greedy over it), so the fallback draws what the lean loop draws."""
+    import torch
+    from transformers import LogitsProcessor
+
+    from selfdistill.fastgen import _pick
+
+    class RowDraws(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            t = input_ids.shape[1] - prompt_len
+            tok = _pick(scores, cfg.temperature, cfg.top_k, cfg.top_p, uniforms[:, t].to(scores.device))
+            return torch.full_like(scores, float("-inf")).scatter_(1, tok[:, None], 0.0)
+
+    return RowDraws()
+
+
 def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, generator_seed: int | None,
-              progress) -> Rollouts:
+              progress, row_seeds: Sequence[int] | None = None) -> Rollouts:
     import torch
 
     device = next(model.parameters()).device
@@ -119,6 +149,10 @@ def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, gen
     all_prompt_ids = encode_prompts(tokenizer, prompts)
     completions: list[list[int]] = []
     finished: list[bool] = []
+    if row_seeds is not None and len(row_seeds) != len(all_prompt_ids):
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(all_prompt_ids)} prompts")
+    if cfg.temperature == 0:
+        row_seeds = None  # greedy: nothing is drawn
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     if cfg.backend == "vllm":
@@ -138,9 +172,10 @@ def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, gen
     try:
         for start in range(0, len(all_prompt_ids), cfg.batch_size):
             chunk = all_prompt_ids[start : start + cfg.batch_size]
+            seeds = None if row_seeds is None else row_seeds[start : start + cfg.batch_size]
             if fast:
                 c, f = fastgen.sample(model, chunk, cfg.max_new_tokens, eos, temperature=cfg.temperature,
-                                      top_k=cfg.top_k, top_p=cfg.top_p)
+                                      top_k=cfg.top_k, top_p=cfg.top_p, row_seeds=seeds)
                 completions += c
                 finished += f
                 if progress is not None:
@@ -152,13 +187,20 @@ def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, gen
             for b, p in enumerate(chunk):
                 ids[b, T - len(p):] = torch.tensor(p)
                 attn[b, T - len(p):] = 1
-            sample = cfg.temperature > 0
+            sample = cfg.temperature > 0 and seeds is None
             kw = dict(do_sample=sample, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                       pad_token_id=pad_id)
             if sample:
                 kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
             else:
                 kw.update(temperature=None, top_p=None, top_k=None)
+            if seeds is not None:  # the rule with per-row uniforms, as a processor; generate keeps its token
+                from transformers import LogitsProcessorList
+
+                from selfdistill.fastgen import row_uniforms
+
+                kw["logits_processor"] = LogitsProcessorList(
+                    [_row_draws(row_uniforms(seeds, cfg.max_new_tokens), T, cfg)])
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
             new = out[:, T:].tolist()
             for row in new:

@@ -224,6 +224,21 @@ class _Stepped:
         self.sched.load_state_dict(state["scheduler"])
 
 
+def _mean_over_processes(values: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
+    """A method's per-process statistics (reward mean, completion length, signal fraction, ...) averaged over
+    processes, so the log describes the global batch, not process 0's share (non-numbers kept as they are)."""
+    if accelerator.num_processes == 1:
+        return values
+    numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    gathered: list[dict[str, float] | None] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, numeric)
+    out = dict(values)
+    for k in numeric:
+        vals = [g[k] for g in gathered if g is not None and k in g]
+        out[k] = sum(vals) / len(vals)
+    return out
+
+
 def prepare_run(cfg: TrainConfig):
     """Validate and load everything a run needs; raises before anything is written.
 
@@ -476,6 +491,7 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
             torch.manual_seed(_step_seed(cfg, step, rank))
             # 1. rollout + targets / teacher views (the method decides).
             t0 = time.perf_counter()
+            ctx.step = step
             batch = method.make_batch(step, ctx.stream.for_step(step, rank, world))
             t_batch = time.perf_counter() - t0
             # 2. loss over micro-batches, normalised by each trained model's global token count.
@@ -512,18 +528,20 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
             method.after_step(step)
             t_update = time.perf_counter() - t1
             # 4. log, evaluate, checkpoint.
+            step_info = dict(batch.info)
+            for k in infos[0] if infos else []:
+                # Timings add up over micro-batches; everything else is averaged.
+                step_info[k] = sum(i[k] for i in infos) / (1 if k.startswith("time_") else len(infos))
+            step_info = _mean_over_processes(step_info, accelerator)
             metrics: dict[str, Any] = {"step": step + 1, "loss": total, "grad_norm": float(grad_norm),
                                        "lr": sched.get_last_lr()[0], "tokens": float(num_tokens),
                                        "time_batch_s": t_batch, "time_update_s": t_update,
                                        "time_forward_backward_s": t_fwd_bwd, "time_optimizer_s": t_update - t_fwd_bwd,
-                                       "skipped": not finite, **batch.info}
+                                       "skipped": not finite, **step_info}
             if len(stepped) > 1:  # per trained model: its own loss, gradient norm, and whether it was skipped
                 metrics.update({f"loss_{n}": v for n, v in losses.items()})
                 metrics.update({f"grad_norm_{n}": v for n, v in norms.items() if n != "student"})
                 metrics.update({f"skipped_{n}": not v for n, v in stepped_ok.items() if n != "student"})
-            for k in infos[0] if infos else []:
-                # Timings add up over micro-batches; everything else is averaged.
-                metrics[k] = sum(i[k] for i in infos) / (1 if k.startswith("time_") else len(infos))
             runlog.metrics(metrics)
             if cfg.log_completions and accelerator.is_main_process:
                 runlog.train_completions(step + 1, trained_texts(tok, batch, method, cfg.log_completions))

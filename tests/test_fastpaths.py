@@ -219,3 +219,32 @@ def test_projector_equals_project(d, rank, beta, centred):
     torch.testing.assert_close(got_b.double(), project(hb, U.float(), beta, mu.float() if mu is not None else None
                                                        ).double(), atol=2e-2, rtol=2e-2)
     assert projector(sub, 1.0)(h) is h
+
+
+def test_row_seeded_sampling_is_the_same_in_any_batch_and_in_both_loops(tiny_model_dir):
+    """With per-row seeds a completion depends on its seed and prompt alone: alone or in a batch, in any order,
+    in the lean loop or through transformers' generate (issue 14 item 6)."""
+    from dataclasses import replace
+
+    from selfdistill.config import ModelConfig
+    from selfdistill.models import load_model
+    from selfdistill.rollout import row_seed
+
+    model, tok = load_model(ModelConfig(path=tiny_model_dir))
+    prompts = ["1+2=", "hello there", "3*4", "x"]
+    seeds = [row_seed(0, "t", 1, i, 0) for i in range(4)]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.95, batch_size=8)
+    batch = generate(model, tok, prompts, cfg, row_seeds=seeds).completion_ids
+    assert batch == generate(model, tok, prompts, replace(cfg, fast_decode=False), row_seeds=seeds).completion_ids
+    assert batch == [generate(model, tok, [p], cfg, row_seeds=[s]).completion_ids[0] for p, s in zip(prompts, seeds)]
+    assert batch == generate(model, tok, prompts[::-1], cfg, row_seeds=seeds[::-1]).completion_ids[::-1]
+    other = generate(model, tok, prompts, cfg, row_seeds=[row_seed(1, "t", 1, i, 0) for i in range(4)])
+    assert other.completion_ids != batch  # the seed matters
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate(model, tok, prompts, cfg, row_seeds=seeds[:2])
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    u = torch.tensor([1e-9, 0.5, 0.5000001, 1.0])
+    assert fastgen.inverse_cdf(probs, u).tolist() == [1, 1, 3, 3]

@@ -88,6 +88,7 @@ class Context:
     log: Callable[[str], None] = print
     system: str | None = None
     stream: Any = None  # ItemStream: the training items of any step
+    step: int = 0  # the step being made (set by the trainer before make_batch)
 
     @property
     def rank(self) -> int:
@@ -100,6 +101,15 @@ class Context:
     def items_for_step(self, step: int) -> list[Item]:
         """This process's share of step ``step``'s prompts."""
         return self.stream.for_step(step, self.rank, self.world)
+
+    def sample_seeds(self, step: int, n_items: int, k: int, tag: str = "") -> list[int]:
+        """Seeds of this process's ``n_items`` prompts of ``step`` x ``k`` samples each (item-major), keyed by
+        (run seed, tag, step, position in the global batch, sample index): a completion is the same whether
+        one process or several share the batch (:func:`selfdistill.rollout.generate`'s ``row_seeds``)."""
+        from selfdistill.rollout import row_seed
+
+        return [row_seed(self.cfg.seed, tag, step, self.rank + self.world * i, j)
+                for i in range(n_items) for j in range(k)]
 
     @property
     def device(self) -> torch.device:

@@ -47,6 +47,9 @@ class OnPolicyMethod(Method):
 
     needs_rewards: bool = False
     sections = ("onpolicy", "distill", "teacher")
+    #: Part of every rollout's sampling key: a second model rolling out the same prompts (OPCoD's peer) draws
+    #: its own samples.
+    sample_tag: str = "rollout"
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -85,7 +88,8 @@ class OnPolicyMethod(Method):
     def rollout(self, items: list[Item]) -> tuple[Rollouts, list[Group]]:
         ctx, k = self.ctx, self.ctx.cfg.onpolicy.samples_per_prompt
         prompts = [chat_prompt(ctx.tokenizer, it.prompt, ctx.system) for it in items for _ in range(k)]
-        ro = generate(unwrap(ctx.model), ctx.tokenizer, prompts, ctx.cfg.rollout)
+        ro = generate(unwrap(ctx.model), ctx.tokenizer, prompts, ctx.cfg.rollout,
+                      row_seeds=ctx.sample_seeds(ctx.step, len(items), k, self.sample_tag))
         groups = []
         for i, it in enumerate(items):
             texts = ro.texts[i * k:(i + 1) * k]

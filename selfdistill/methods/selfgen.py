@@ -56,9 +56,11 @@ class SelfGenMethod(Method):
         items_by_step = {s: ctx.items_for_step(s) for s in steps}
         prompts = [chat_prompt(ctx.tokenizer, it.prompt, ctx.system)
                    for s in steps for it in items_by_step[s] for _ in range(k)]
+        seeds = [x for s in steps for x in ctx.sample_seeds(s, len(items_by_step[s]), k, "selfgen")]
         model = unwrap(ctx.model)
         with self.view():
-            ro = generate(model, ctx.tokenizer, prompts, ctx.cfg.rollout, desc=f"{ctx.cfg.method} samples")
+            ro = generate(model, ctx.tokenizer, prompts, ctx.cfg.rollout, desc=f"{ctx.cfg.method} samples",
+                          row_seeds=seeds)
         pos = 0
         self.buffer = {}
         for s in steps:

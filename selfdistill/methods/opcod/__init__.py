@@ -100,6 +100,7 @@ class OPCoD(_Student):
             for p in peer_model.parameters():
                 p.requires_grad_(False)
         self.peer = _Student(replace(ctx, model=peer_model))
+        self.peer.sample_tag = "peer"  # B draws its own samples of the same prompts
         self.peer_before: list[dict] | None = None
 
     def trainees(self) -> list[Trainee]:
@@ -145,6 +146,7 @@ class OPCoD(_Student):
         ocfg = ctx.cfg.opcod
         t0 = time.perf_counter()
         ro_a, groups_a = self.rollout(items)
+        self.peer.ctx.step = ctx.step  # (B's context is a copy of the run's)
         ro_b, groups_b = self.peer.rollout(items)
         att_a, att_b = self.attempts(ro_a, groups_a), self.peer.attempts(ro_b, groups_b)
         t_rollout = time.perf_counter() - t0
