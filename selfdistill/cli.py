@@ -126,6 +126,11 @@ def _add_toy(toy: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     pre = tsub.add_parser("pretrain", help="Pretrain the toy model from a seed.")
     pre.add_argument("--out", default="", help="Output folder (default: the embedded model folder).")
     add_flags(pre, PretrainConfig)
+    from selfdistill.toy.diffusion_model import DiffusionPretrainConfig
+
+    dif = tsub.add_parser("pretrain-diffusion", help="Pretrain the toy masked-diffusion LM (for d-OPSD) from a seed.")
+    dif.add_argument("--out", default="runs/toy-diffusion", help="Output folder (resumable: rerun to continue).")
+    add_flags(dif, DiffusionPretrainConfig)
     from selfdistill.toy.check import CheckConfig
 
     chk = tsub.add_parser("check", help="Measure the preconditions each method relies on (exit 1 if any fails).")
@@ -254,6 +259,11 @@ def cmd_toy(ns: argparse.Namespace) -> int:
         print(f"{len(bad)} of {sum(r.ok is not None for r in rows)} preconditions fail"
               + (": " + "; ".join(r.name for r in bad) if bad else ""))
         return 1 if bad else 0
+    if ns.toy_command == "pretrain-diffusion":
+        from selfdistill.toy.diffusion_model import DiffusionPretrainConfig, pretrain_diffusion
+
+        print(f"saved the toy diffusion model to {pretrain_diffusion(ns.out, from_args(DiffusionPretrainConfig, ns))}")
+        return 0
     from selfdistill.toy.pretrain import DEFAULT_MODEL_DIR, PretrainConfig, pretrain
 
     cfg = from_args(PretrainConfig, ns)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 from selfdistill.config import LoraSettings, ModelConfig
 from selfdistill.config_io import ConfigError
@@ -41,8 +42,9 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def check_causal_lm(path: str, trust_remote_code: bool = False, setting: str = "model.path"):
-    """Raise a one-line error (naming ``setting``) unless ``path`` holds a causal-LM config; return it."""
+def check_model_config(path: str, trust_remote_code: bool = False, setting: str = "model.path"):
+    """Raise a one-line error (naming ``setting``) unless ``path`` holds a causal-LM or masked-diffusion-LM config
+    (:func:`model_kind`); return it."""
     p = Path(path)
     if (p.exists() and p.is_dir() and not (p / "config.json").exists()) or (p.exists() and p.is_file()):
         raise ConfigError(f"{setting} {path}: no config.json there; expected a Hugging Face model folder")
@@ -53,10 +55,23 @@ def check_causal_lm(path: str, trust_remote_code: bool = False, setting: str = "
     except Exception as e:  # hub errors, bad JSON, unknown model types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{setting} {path}: cannot read its config ({first})") from None
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+    if model_kind(cfg) is None and not trust_remote_code:
         raise ConfigError(f"{setting} {path}: model type {cfg.model_type!r} is not a causal LM "
-                          "(AutoModelForCausalLM cannot load it)")
+                          "(AutoModelForCausalLM cannot load it) nor a masked-diffusion LM (AutoModelForMaskedLM)")
     return cfg
+
+
+def model_kind(config) -> str | None:
+    """``causal`` (autoregressive, ``AutoModelForCausalLM``), ``masked`` (a masked-diffusion LM: a
+    ``*ForMaskedLM`` architecture, ``AutoModelForMaskedLM``), or None."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -104,12 +119,13 @@ def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
     adapter = resolve_model_path(cfg.path)
     base = adapter_base(adapter)
     path = resolve_model_path(base) if base is not None else adapter
-    check_causal_lm(path, cfg.trust_remote_code, "model.path" if base is None else f"model.path {cfg.path}: its base")
+    config = check_model_config(path, cfg.trust_remote_code,
+                             "model.path" if base is None else f"model.path {cfg.path}: its base")
     has_tok = base is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     tok = load_tokenizer(adapter if has_tok else path, cfg.trust_remote_code)
+    auto = AutoModelForMaskedLM if model_kind(config) == "masked" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype],
-                                                     trust_remote_code=cfg.trust_remote_code)
+        model = auto.from_pretrained(path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # torn weights, shapes that differ
         raise ConfigError(f"model.path {cfg.path}: cannot load the model ({_first_line(e)})") from None
     if device is not None:
@@ -144,8 +160,9 @@ def wrap_lora(model, cfg: LoraSettings):
     targets: str | list[str] = cfg.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    masked = type(model).__name__.endswith("ForMaskedLM")  # a diffusion LM: PEFT's generic wrapper
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM")
+                      task_type=None if masked else "CAUSAL_LM")
     return get_peft_model(model, lcfg)
 
 

@@ -46,6 +46,10 @@ class SamplingConfig:
                 "(false: always transformers generate)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
         "help": "vllm backend: share of GPU memory the engine may take (the rest is left to training)."})
+    # Masked-diffusion models (selfdistill.diffusion): the response is max_new_tokens masks, committed most
+    # confident first; temperature applies (Gumbel-max), top_p / top_k do not.
+    diffusion_block_length: int = field(default=16, metadata={"help": "Diffusion LMs: block length."})
+    diffusion_steps: int = field(default=0, metadata={"help": "Diffusion LMs: steps (0 = 2 tokens/step)."})
 
     def __post_init__(self) -> None:
         # Named as the flags of the section this config sits in (``rollout`` in every command).
@@ -61,6 +65,8 @@ class SamplingConfig:
             raise ValueError(f"rollout.top_k must be >= 0, got {self.top_k}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"rollout.backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.diffusion_block_length < 1 or self.diffusion_steps < 0:
+            raise ValueError("rollout.diffusion_block_length must be >= 1 and rollout.diffusion_steps >= 0")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError("rollout.vllm_gpu_memory_utilization must be in (0, 1], "
                              f"got {self.vllm_gpu_memory_utilization}")
@@ -78,7 +84,7 @@ class Rollouts:
 
 def _eos_ids(tokenizer, model) -> list[int]:
     ids = set()
-    for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if src is None:
             continue
         ids.update(src if isinstance(src, (list, tuple)) else [src])
@@ -139,6 +145,36 @@ def _row_draws(uniforms, prompt_len: int, cfg: SamplingConfig):
     return RowDraws()
 
 
+def diffusion_settings(cfg: SamplingConfig):
+    """The masked-diffusion sampler's settings for ``cfg`` (a clear error when they do not fit together)."""
+    from selfdistill.diffusion import DiffusionSampling
+
+    n = cfg.max_new_tokens
+    block = min(cfg.diffusion_block_length, n)
+    try:
+        return DiffusionSampling(gen_length=n, block_length=block, steps=cfg.diffusion_steps or max(n // 2, n // block),
+                                 temperature=cfg.temperature)
+    except ValueError as e:
+        raise ValueError(f"rollout/eval max_new_tokens {n} with diffusion_block_length {block} and diffusion_steps "
+                         f"{cfg.diffusion_steps}: {e}") from None
+
+
+def _diffusion_generate(model, tokenizer, prompt_ids, cfg: SamplingConfig, eos, pad_id, row_seeds,
+                        progress) -> Rollouts:
+    from selfdistill.diffusion import mask_token_id, sample
+
+    dcfg, mask = diffusion_settings(cfg), mask_token_id(tokenizer)
+    completions, finished = [], []
+    for start in range(0, len(prompt_ids), cfg.batch_size):
+        seeds = None if row_seeds is None else row_seeds[start:start + cfg.batch_size]
+        ro = sample(model, prompt_ids[start:start + cfg.batch_size], dcfg, mask, eos, pad_id, row_seeds=seeds)
+        completions += ro.completion_ids
+        finished += ro.finished
+        if progress is not None:
+            progress(len(ro.completion_ids))
+    return Rollouts(prompt_ids, completions, tokenizer.batch_decode(completions, skip_special_tokens=True), finished)
+
+
 def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, generator_seed: int | None,
               progress, row_seeds: Sequence[int] | None = None) -> Rollouts:
     import torch
@@ -164,8 +200,10 @@ def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, gen
                 progress(len(all_prompt_ids))
             texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
             return Rollouts(all_prompt_ids, completions, texts, finished)
-    from selfdistill import fastgen
+    from selfdistill import diffusion, fastgen
 
+    if diffusion.is_masked_diffusion(model):
+        return _diffusion_generate(model, tokenizer, all_prompt_ids, cfg, eos, pad_id, row_seeds, progress)
     fast = cfg.fast_decode and fastgen.unsupported_reason(model) is None
     was_training = model.training
     model.eval()

@@ -212,13 +212,21 @@ def _where(spec: str, task: Task, split: str, item: Item) -> str:
 
 def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence[Task]) -> None:
     """Student and teacher models are loadable causal LMs with one vocabulary; prompts fit the context."""
-    from selfdistill.models import adapter_base, check_causal_lm, load_tokenizer, resolve_model_path
+    from selfdistill.models import adapter_base, check_model_config, load_tokenizer, model_kind, resolve_model_path
 
     given = resolve_model_path(cfg.model.path)
     base = adapter_base(given)  # a LoRA adapter folder: its base is the model checked here
     path = resolve_model_path(base) if base is not None else given
     trust = cfg.model.trust_remote_code
-    model_cfg = check_causal_lm(path, trust, "model.path" if base is None else f"model.path {cfg.model.path}: its base")
+    model_cfg = check_model_config(path, trust, "model.path" if base is None else f"model.path {cfg.model.path}: its base")
+    kind = model_kind(model_cfg)
+    if kind is not None and kind not in method_cls.model_kinds:
+        from selfdistill.methods.base import REGISTRY
+
+        fits = ", ".join(sorted(n for n, c in REGISTRY.items() if kind in c.model_kinds))
+        what = {"causal": "an autoregressive (causal) LM", "masked": "a masked-diffusion LM"}[kind]
+        raise ConfigError(f"model.path {cfg.model.path} is {what}; method {cfg.method} trains "
+                          f"{' or '.join(method_cls.model_kinds)} models (methods for this model: {fits or 'none'})")
     _check_weights(path, "model.path", model_cfg, trust)
     tok = check_tokenizer(given if base is not None and (Path(given) / "tokenizer_config.json").is_file() else path,
                           trust)
@@ -232,7 +240,7 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
             raise ConfigError(f"teacher.path is set but method {cfg.method} has no teacher model "
                               f"(teacher.path is for the on-policy methods: {users})")
         tpath = resolve_model_path(cfg.teacher.path)
-        teacher_cfg = check_causal_lm(tpath, trust, setting="teacher.path")
+        teacher_cfg = check_model_config(tpath, trust, setting="teacher.path")
         _check_weights(tpath, "teacher.path", teacher_cfg, trust)
         sv, tv = _vocab_size(model_cfg), _vocab_size(teacher_cfg)
         if sv != tv:

@@ -108,3 +108,30 @@ def test_masked_diffusion_loss_by_hand():
     row0 = (-math.log(0.25) - math.log(0.25)) / 1.0 / 2  # tokens 1 and 2, p = 1, length 2
     row1 = -math.log(0.25) / 0.5 / 2  # token 2 (the EOS padding counts), p = 0.5, length 2
     assert float(loss) == pytest.approx((row0 + row1) / 2)
+
+
+def test_toy_diffusion_pretraining_resumes_and_the_model_evaluates(tmp_path, capsys):
+    """`selfdistill toy pretrain-diffusion` (tiny settings): stopped at step 2 and continued = run to 4 at once;
+    the saved folder loads as a masked-diffusion LM, `selfdistill eval` samples it with the diffusion sampler,
+    and a method for causal LMs refuses it in one line."""
+    from safetensors.torch import load_file
+
+    from selfdistill.cli import main
+
+    tiny = ["--steps", "4", "--tokens_per_step", "2048", "--gen_length", "32", "--max_prompt", "96",
+            "--hidden_size", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--threads", "1",
+            "--checkpoint_every", "2"]
+    assert main(["toy", "pretrain-diffusion", "--out", str(tmp_path / "a"), *tiny, "--stop_step", "2"]) == 0
+    assert main(["toy", "pretrain-diffusion", "--out", str(tmp_path / "a"), *tiny]) == 0
+    assert main(["toy", "pretrain-diffusion", "--out", str(tmp_path / "b"), *tiny]) == 0
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    capsys.readouterr()
+    rc = main(["eval", "--model.path", str(tmp_path / "a"), "--data.tasks", "toy-math", "--data.test_size", "2",
+               "--eval.max_items", "2", "--eval.samples", "1", "--eval.max_new_tokens", "32",
+               "--eval.splits", "test_id"])
+    assert rc == 0 and "toy-math" in capsys.readouterr().out
+    rc = main(["train", "--method", "sft", "--model.path", str(tmp_path / "a"), "--output_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a masked-diffusion LM; method sft trains causal models" in err
+    assert not (tmp_path / "r").exists()

@@ -127,6 +127,8 @@ class Method:
     sections: ClassVar[tuple[str, ...]] = ()
     #: The method reads every train item's reference solution (checked before a run writes anything).
     requires_solution: ClassVar[bool] = False
+    #: The models it trains (:func:`selfdistill.models.model_kind`): ``causal`` LMs, ``masked`` diffusion LMs.
+    model_kinds: ClassVar[tuple[str, ...]] = ("causal",)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -48,12 +48,12 @@ class CCOPD(OnPolicyMethod):
     @classmethod
     def check(cls, cfg, tasks) -> None:
         """Every train item shards, and its conversation fits the context with its replies."""
-        from selfdistill.models import check_causal_lm, load_tokenizer, resolve_model_path
+        from selfdistill.models import check_model_config, load_tokenizer, resolve_model_path
         from selfdistill.validation import _context_length
 
         ccfg, trust = cfg.ccopd, cfg.model.trust_remote_code
         path = resolve_model_path(cfg.model.path)
-        limit = _context_length(check_causal_lm(path, trust))
+        limit = _context_length(check_model_config(path, trust))
         tok = load_tokenizer(path, trust)
         sharder, system = Sharder(ccfg), cfg.model.system_prompt or None
         items = [it for t in tasks for it in t.items("train")]

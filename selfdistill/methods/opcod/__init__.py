@@ -112,7 +112,7 @@ class OPCoD(_Student):
     @classmethod
     def check(cls, cfg, tasks) -> None:
         """The peer is set, a causal LM with weights, and shares the student's tokenizer."""
-        from selfdistill.models import check_causal_lm, load_tokenizer, resolve_model_path
+        from selfdistill.models import check_model_config, load_tokenizer, resolve_model_path
         from selfdistill.validation import _check_weights
 
         if not cfg.opcod.peer:
@@ -120,7 +120,7 @@ class OPCoD(_Student):
                               "make-peers`)")
         trust = cfg.model.trust_remote_code
         path = resolve_model_path(cfg.opcod.peer)
-        check_causal_lm(path, trust, setting="opcod.peer")
+        check_model_config(path, trust, setting="opcod.peer")
         _check_weights(path, "opcod.peer")
         if load_tokenizer(path, trust).get_vocab() != load_tokenizer(resolve_model_path(cfg.model.path),
                                                                      trust).get_vocab():
