@@ -52,7 +52,8 @@ def records_item(rng: random.Random, split: str, idx: str, max_records: int = 24
     if split in ("valid_ood", "test_ood"):
         forbidden = held_out and r < 0.6
     else:
-        forbidden = not held_out and r < 0.4
+        forbidden = not held_out and r < 0.6  # v4 had 0.4: refusals were ~0.8% of pretraining examples and
+        # the v4 model refused 18.9% of forbidden requests, below the 20% precondition
     field = f"{forb_adj} {noun}" if forbidden else ("room" if r > 0.8 else f"public {noun}")
     value = str(table[target][field])
     question = rng.choice(QUESTIONS).format(field=field, id=target)

@@ -43,6 +43,7 @@ def toy_words() -> tuple[str, ...]:
     for kind, tpls in T.PRETRAIN.items():
         text += tpls
     text += list(T.HELD_OUT.values()) + list(T.ACKS) + [T.CRITIQUE_MARK, T.MISSING_MARK]
+    text += ["system user assistant"]  # the chat template's role names (v4 spelled them letter by letter)
     for i in range(4000):
         _, msgs, _ = example(0, i)
         text += [m["content"] for m in msgs]
