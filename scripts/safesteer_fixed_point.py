@@ -7,7 +7,7 @@ one SafeSteer step does) and reports, for the first completion position and for 
 and the steered teacher's mass on the safety tokens and the share of (position, token) pairs the loss pushes
 down.
 
-    python scripts/safesteer_fixed_point.py [MODEL] [TABLE_FOLDER]   # default: runs/toy-v3, results/tables/safesteer
+    python scripts/safesteer_fixed_point.py [MODEL] [TABLE_FOLDER]   # default: runs/toy-v3, results/v3/safesteer
 """
 
 from __future__ import annotations
@@ -65,4 +65,4 @@ def main(model_path: str, folder: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "runs/toy-v3",
-         Path(sys.argv[2] if len(sys.argv) > 2 else "results/tables/safesteer"))
+         Path(sys.argv[2] if len(sys.argv) > 2 else "results/v3/safesteer"))
