@@ -140,7 +140,17 @@ def load_weights_into(model, ckpt: Path) -> None:
         sd.update(load_file(str(f)))
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(sd, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}
+    tied = _tied(target, missing, sd)
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]}")
+
+
+def _tied(model, missing, loaded) -> set[str]:
+    """The missing keys that share their tensor with a loaded one (tied embeddings: ``lm_head.weight``,
+    ModernBERT's ``decoder.weight``): saved once, restored with their twin."""
+    own = model.state_dict()
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in own.items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    return {k for k in missing if any(j != k and j in loaded for j in by_ptr.get(own[k].data_ptr(), []))}

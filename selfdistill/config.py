@@ -15,6 +15,7 @@ from selfdistill.method_configs import (OnPolicyConfig, OPSDConfig, SDFTConfig, 
                                         SSDConfig)
 from selfdistill.method_configs import CCOPDConfig, OPCoDConfig
 from selfdistill.method_configs import CritiqueConfig, GRPOConfig, SafeSteerConfig, SGSDConfig
+from selfdistill.method_configs import DiffuGRPOConfig, DOPSDConfig
 from selfdistill.objectives.config import DivergenceConfig
 from selfdistill.rollout import SamplingConfig
 
@@ -182,6 +183,8 @@ class TrainConfig:
     sgsd: SGSDConfig = field(default_factory=SGSDConfig)
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
     safesteer: SafeSteerConfig = field(default_factory=SafeSteerConfig)
+    dopsd: DOPSDConfig = field(default_factory=DOPSDConfig)
+    diffu_grpo: DiffuGRPOConfig = field(default_factory=DiffuGRPOConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:

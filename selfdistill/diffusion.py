@@ -104,8 +104,9 @@ def _uniforms(seeds: Sequence[int] | None, rows: int, shape: tuple[int, ...], ge
     """(rows, *shape) uniforms in (0, 1): row r's from its own generator (seed, step), else the global RNG."""
     if seeds is None:
         return torch.rand((rows, *shape)).clamp_(1e-12, 1 - 1e-7)
-    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(int(s) * 1_000_003 + generator_step))
-                        for s in seeds]).clamp_(1e-12, 1 - 1e-7)
+    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(
+        (int(s) * 1_000_003 + generator_step) % 2**63))  # row seeds are 63-bit (rollout.row_seed)
+        for s in seeds]).clamp_(1e-12, 1 - 1e-7)
 
 
 def _choose(logits_BTV: torch.Tensor, cfg: DiffusionSampling, seeds: Sequence[int] | None,

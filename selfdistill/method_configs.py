@@ -5,6 +5,7 @@ Kept apart from the methods so that the config tree imports no training code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -371,3 +372,57 @@ class SafeSteerConfig:
         if self.vote_top < self.num_tokens:
             raise ValueError(f"safesteer.vote_top ({self.vote_top}) must be >= safesteer.num_tokens "
                              f"({self.num_tokens})")
+
+
+@dataclass
+class DOPSDConfig:
+    """d-OPSD (arXiv 2606.18195): on-policy self-distillation for masked-diffusion LMs; see docs/methods/d_opsd.md.
+
+    The student's own denoising trajectory (the state before every sampler step, ``rollout.*`` settings) is
+    scored by the base weights shown the same state with a share of the student's own final tokens of later
+    blocks revealed ("self-future").
+    """
+
+    future_ratio: float = field(default=0.25, metadata={
+        "help": "Share of the positions after the current block that the teacher sees filled with the "
+                "student's own final tokens (0 = the teacher sees the student's state: no privileged view)."})
+    positions: int = field(default=2, metadata={
+        "help": "Masked positions of the current block trained per state: those with the highest teacher "
+                "max-logit."})
+    topk: int = field(default=20, metadata={"help": "The reverse KL runs over the teacher's top-k tokens "
+                                                    "(both distributions renormalised over them)."})
+    clip: float = field(default=0.05, metadata={
+        "help": "Each vocabulary element of the reverse KL is clamped at this value before summing "
+                "(0 = no clamp; the paper: 0.05, 0.04 for math)."})
+    resamples: int = field(default=8, metadata={
+        "help": "Tries per prompt until a sample is verified correct; a prompt with none gives no loss."})
+    reuse: int = field(default=4, metadata={
+        "help": "Optimizer steps per rollout: the trajectory's states are split into this many chunks, one "
+                "per step (the prompts of the steps between rollouts are not used)."})
+    drop_last_block: bool = field(default=True, metadata={
+        "help": "Skip the states of the last block (no later block to reveal)."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.future_ratio <= 1.0:
+            raise ValueError(f"dopsd.future_ratio must be in [0, 1], got {self.future_ratio}")
+        for name in ("positions", "topk", "resamples", "reuse"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"dopsd.{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise ValueError(f"dopsd.clip must be a finite number >= 0, got {self.clip}")
+
+
+@dataclass
+class DiffuGRPOConfig:
+    """diffu-GRPO (d1, arXiv 2504.12216): GRPO for masked-diffusion LMs, the RLVR baseline of d-OPSD's table.
+
+    A completion's per-token log-probs are read in one forward pass with the whole completion masked and each
+    prompt token masked with probability ``prompt_mask`` (d1's one-step estimate); the rest is ``grpo.*``.
+    """
+
+    prompt_mask: float = field(default=0.15, metadata={
+        "help": "Probability of masking each prompt token in the log-prob estimate (d1: 0.15)."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prompt_mask < 1.0:
+            raise ValueError(f"diffu_grpo.prompt_mask must be in [0, 1), got {self.prompt_mask}")

@@ -82,7 +82,8 @@ class Rollouts:
     finished: list[bool]  # ended with EOS within max_new_tokens
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
+def eos_ids(tokenizer, model) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and the model's generation-config EOS."""
     ids = set()
     for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if src is None:
@@ -181,7 +182,7 @@ def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, gen
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(tokenizer, model)
+    eos = eos_ids(tokenizer, model)
     all_prompt_ids = encode_prompts(tokenizer, prompts)
     completions: list[list[int]] = []
     finished: list[bool] = []

@@ -1,6 +1,6 @@
 """The training methods: one module, or one folder for a method with tooling of its own.
 
-A method folder (``spd/``, ``ccopd/``, ``opcod/``, ``sgsd/``, ``critique/``, ``safesteer/``) holds the
+A method folder (``spd/``, ``ccopd/``, ``opcod/``, ``sgsd/``, ``critique/``, ``safesteer/``, ``dopsd/``) holds the
 recipe in its ``__init__.py`` and beside it the method's views, CLI subcommands (``cli.py``), table
 presets and evaluation; the core (trainer, rollout, objectives, arch, teachers, sequences, evaluation,
 checkpoint, tasks) lives outside this package and imports no method.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 #: Every module or folder under ``selfdistill/methods`` that registers a method.
-METHOD_MODULES = ("sft", "ssd", "privileged", "grpo", "spd", "ccopd", "opcod", "sgsd", "critique", "safesteer")
+METHOD_MODULES = ("sft", "ssd", "privileged", "grpo", "spd", "ccopd", "opcod", "sgsd", "critique", "safesteer", "dopsd")
 
 
 def load_all() -> None:

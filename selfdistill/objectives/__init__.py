@@ -16,6 +16,7 @@ normalisation; computed in fp32, in chunks of tokens.
   policy-gradient loss (PPO / GRPO) on realised tokens.
 - :func:`gated_token_loss`: SGSD's bounded loss signed by outcome x teacher support.
 - :func:`subset_reverse_kl_from_hidden`: reverse KL summed over a fixed token subset (SafeSteer).
+- :func:`clipped_topk_reverse_kl`: reverse KL over the teacher's top-k, clamped per element (d-OPSD).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _LAZY = {
     "global_token_count": "reduce", "importance_weights": "reduce", "reduce_token_losses": "reduce",
     "sampled_token_loss": "reduce",
     "subset_reverse_kl_from_hidden": "subset", "subset_reverse_kl_rows": "subset",
+    "clipped_reverse_kl_on_support": "clipped", "clipped_topk_reverse_kl": "clipped", "teacher_topk": "clipped",
 }
 
 
