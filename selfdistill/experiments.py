@@ -111,7 +111,8 @@ PRESETS: dict[str, Preset] = {
 
 #: A method's own presets: name -> module whose ``preset()`` returns it (imported only when used).
 PRESET_MODULES: dict[str, str] = {"spd": "selfdistill.methods.spd.table", "ccopd": "selfdistill.methods.ccopd.table",
-                                  "opcod": "selfdistill.methods.opcod.table"}
+                                  "opcod": "selfdistill.methods.opcod.table",
+                                  "d-opsd": "selfdistill.methods.dopsd.table"}
 
 
 def preset_names() -> list[str]:
@@ -275,7 +276,7 @@ def run_preset(preset: Preset, rows: list[str], seeds: list[int], out: str | Pat
     out = Path(out)
     base_cfg = _run_config(preset, "base", Run(), 0, out, common)
     check_world(out, next(iter((preset.base_models or {"": base_cfg.model.path}).values())))
-    checked = preconditions(base_cfg.model.path, out, log) if check else ""
+    checked = preconditions(base_cfg.model.path, out, log) if check and _is_causal(base_cfg.model.path) else ""
     results: dict[str, list[dict[str, Any]]] = {}
     baselines: dict[str, str | None] = {}
     for name in names:
@@ -336,6 +337,13 @@ def check_world(out: Path, model: str) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stamp, indent=2) + "\n")
+
+
+def _is_causal(model: str) -> bool:
+    """The toy check probes causal LMs; a masked-diffusion model's tables report its base row instead."""
+    from selfdistill.models import check_model_config, model_kind, resolve_model_path
+
+    return model_kind(check_model_config(resolve_model_path(model))) == "causal"
 
 
 def preconditions(model: str, out: Path, log) -> str:

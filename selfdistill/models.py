@@ -31,7 +31,15 @@ def quiet_transformers() -> None:
 
 
 def resolve_model_path(path: str) -> str:
-    """``toy`` -> the embedded checkpoint; anything else unchanged."""
+    """``toy`` -> the embedded checkpoint, ``toy-diffusion`` -> the embedded masked-diffusion one; anything
+    else unchanged."""
+    if path == "toy-diffusion":
+        from selfdistill.toy.diffusion_model import DEFAULT_DIFFUSION_DIR
+
+        if not (DEFAULT_DIFFUSION_DIR / "config.json").exists():
+            raise ConfigError(f"the embedded toy diffusion model is missing from {DEFAULT_DIFFUSION_DIR}; "
+                              "run `selfdistill toy pretrain-diffusion --out " + str(DEFAULT_DIFFUSION_DIR) + "` to rebuild it")
+        return str(DEFAULT_DIFFUSION_DIR)
     if path in ("toy", "", None):
         from selfdistill.toy.pretrain import DEFAULT_MODEL_DIR
 

@@ -165,3 +165,33 @@ def test_refusals_in_one_line(diffusion_dir, tiny_model_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and msg in err, err
         assert not (tmp_path / f"r{i}").exists()
+
+
+def test_the_table_preset_runs_and_gives_curves(diffusion_dir, tmp_path, monkeypatch, capsys):
+    """`selfdistill table --preset d-opsd` at tiny settings: every row's settings are valid, the toy check
+    (causal LMs only) is skipped for a diffusion model, runs evaluate every eval.every steps, and
+    scripts/dopsd_curves.py reads accuracy against steps (step 0 = the base row)."""
+    import importlib.util
+    from pathlib import Path
+
+    from selfdistill.config import TrainConfig
+    from selfdistill.config_io import from_dict
+    from selfdistill.experiments import get_preset, run_preset
+
+    preset = get_preset("d-opsd")
+    for row, runs in preset.rows.items():
+        for run in runs:
+            from_dict(TrainConfig, tinyrun.settings({}, **{**preset.common, **run.overrides}))
+    common = {"model.path": diffusion_dir, "steps": 2, "eval.every": 1, "eval.max_items": 2,
+              "eval.max_new_tokens": 16, "rollout.max_new_tokens": 16, "rollout.diffusion_block_length": 4,
+              "dopsd.resamples": 1, "dopsd.reuse": 1, "data.train_size": 8, "data.test_size": 2}
+    out = tmp_path / "t"
+    run_preset(preset, ["base", "d-opsd"], [0], out, common, log=lambda s: None, check=True)
+    assert not (out / "check.md").exists() and (out / "results.md").exists()
+    steps = [__import__("json").loads(l)["step"] for l in (out / "runs" / "d-opsd-s0" / "evals.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # periodic at 1, after at 2; no before-training evaluation (the base row is step 0)
+    spec = importlib.util.spec_from_file_location("curves", Path(__file__).parents[1] / "scripts" / "dopsd_curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = mod.curves(out)
+    assert sorted(data["d-opsd"]["toy-math test_id"]) == [0, 1, 2]

@@ -29,6 +29,9 @@ from selfdistill.toy.pretrain import encode_example
 from selfdistill.toy.tokenizer import build_toy_tokenizer
 
 MASK = "<|mask|>"
+#: The shipped toy diffusion model (``--model.path toy-diffusion``): ``selfdistill toy pretrain-diffusion`` with
+#: the defaults, saved here.
+DEFAULT_DIFFUSION_DIR = Path(__file__).parent / "diffusion_lm"
 
 
 @dataclass
