@@ -182,9 +182,25 @@ class _SubspaceOwner:
         self._early = (self._extract(0), _torch_rng())
 
     def _extract(self, round_idx: int) -> SubspaceSet:
+        """The round's subspace: extracted by process 0 and broadcast, so every process projects onto the
+        very same one (an error there, e.g. no answer span, is raised on every process)."""
         ctx = self.ctx
-        return extract_subspace(unwrap(ctx.model), ctx.tokenizer, ctx.stream.items, ctx.cfg,
-                                seed=ctx.cfg.seed * 1000 + round_idx, system=ctx.system, log=ctx.log)
+        got: tuple[str, Any] = ("", None)
+        if ctx.rank == 0:
+            try:
+                got = ("ok", extract_subspace(unwrap(ctx.model), ctx.tokenizer, ctx.stream.items, ctx.cfg,
+                                              seed=ctx.cfg.seed * 1000 + round_idx, system=ctx.system, log=ctx.log))
+            except ConfigError as e:
+                if ctx.world == 1:
+                    raise
+                got = ("error", str(e))
+        if ctx.world > 1:
+            box = [got]
+            torch.distributed.broadcast_object_list(box, src=0)
+            got = box[0]
+        if got[0] == "error":
+            raise ConfigError(got[1])
+        return got[1]
 
     def load_round_subspace(self, round_idx: int) -> None:
         """``self.subspaces`` for round ``round_idx``: loaded, or round 0's from precheck, or extracted; saved."""
