@@ -398,7 +398,10 @@ def save_subspaces(path: str | Path, sset: SubspaceSet) -> None:
             "center": sset.center, "model_class": sset.model_class,
             "layers": sorted({layer for layer, _ in sset.subspaces}), "sites": sites_meta,
             "extra": sset.extra, "key_site": sset.key_site}
-    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
+    from selfdistill.atomic import atomic_file
+
+    with atomic_file(Path(path)) as tmp:  # whole or absent, even after a kill mid-write
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
 
 
 def load_subspaces(path: str | Path) -> SubspaceSet:
