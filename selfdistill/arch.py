@@ -11,8 +11,17 @@ always *before* rotary embedding:
 - separate projections (Llama, Mistral, Qwen2, Gemma 1/2, OPT, ...): the
   whole output of ``k_proj`` / ``v_proj``;
 - fused projections: a contiguous slice of one module's output, GPT-2's
-  ``c_attn`` (Conv1D, q|k|v of ``hidden`` each) and Phi-3's ``qkv_proj``
-  (q of ``heads*head_dim``, then k and v of ``kv_heads*head_dim`` each);
+  ``c_attn`` (Conv1D, q|k|v of ``hidden`` each), Phi-3's ``qkv_proj``
+  (q of ``heads*head_dim``, then k and v of ``kv_heads*head_dim`` each) and
+  Falcon-7B's multi-query ``query_key_value`` (q, then one k and one v head);
+- interleaved fused projections: the same columns of every per-head group of
+  one module's output (``period``), GPT-NeoX / Pythia and Bloom's
+  ``query_key_value`` (viewed as ``(heads, 3, head_dim)``: q, k, v per head),
+  Falcon's without multi-query (the same) and Falcon's new decoder
+  architecture (``(kv_heads, q_per_kv + 2, head_dim)``: a KV head's queries,
+  then its k and v). These are linear maps' outputs too: a site's columns are
+  weight rows, so they fold like slices. Keys are the projection output
+  (rotary comes after the split; none of these has a key norm);
 - key norms (Qwen3, Gemma 3, OLMo 2, ...: a ``k_norm`` after ``k_proj``): the
   K site is the **output of ``k_norm``** (``key_site="auto"``). Before the
   norm the loss is invariant to rescaling a head's key, so every key gradient
@@ -26,8 +35,8 @@ always *before* rotary embedding:
 Grouped-query attention needs nothing special: a site holds the KV heads,
 not the query heads.
 
-Not handled: per-head interleaved fused layouts (GPT-NeoX / Falcon
-``query_key_value``), which are not contiguous slices; they raise a clear error.
+Not handled: a ``query_key_value`` of another family (ChatGLM, Persimmon, ...),
+whose layout is not known here, raises a clear error.
 Layers that reuse another layer's cache (Gemma 3n KV sharing) still get sites,
 but an edit there has no effect because the projection is never called.
 """
@@ -49,7 +58,8 @@ KeySite = Literal["auto", "proj"]
 
 @dataclass(frozen=True)
 class KVSite:
-    """Where one layer's keys or values come out: ``module``'s output ``[..., start:stop]``."""
+    """Where one layer's keys or values come out: ``module``'s output ``[..., start:stop]``, or those columns
+    of each of its ``num_heads`` groups of ``period`` columns (interleaved fused layouts)."""
 
     layer: int
     kind: Kind
@@ -63,6 +73,10 @@ class KVSite:
     #: "heads": a per-head norm's output (..., num_heads, head_dim), the whole of it (flattened to read).
     #: "norm": a norm over the whole key vector (OLMo 2), output (..., width).
     layout: Literal["flat", "heads", "norm"] = "flat"
+    #: 0: the site is one slice of the output. > 0 (interleaved, "flat" only): the output is
+    #: (..., num_heads, period), one group per KV head, and the site is [..., start:stop] of every group
+    #: (stop - start = head_dim), read head-major.
+    period: int = 0
 
     @property
     def key(self) -> SiteKey:
@@ -70,12 +84,26 @@ class KVSite:
 
     @property
     def width(self) -> int:
-        return self.stop - self.start
+        return (self.stop - self.start) * (self.num_heads if self.period else 1)
 
     @property
     def whole_output(self) -> bool:
         """True when the site is the module's entire output (separate projections, key norms)."""
-        return self.layout != "flat" or (self.start == 0 and _out_features(self.module) == self.stop)
+        return self.layout != "flat" or (not self.period and self.start == 0
+                                         and _out_features(self.module) == self.stop)
+
+    def groups(self, out_width: int) -> tuple[int, int]:
+        """``(groups, period)``: the module's output of ``out_width`` seen as groups whose columns
+        ``[start:stop]`` are the site (one group for a slice)."""
+        return (self.num_heads, self.period) if self.period else (1, out_width)
+
+    def rows(self, device: torch.device | None = None) -> slice | torch.Tensor:
+        """The site's output columns, i.e. its rows of the module's weight, in the order :meth:`read` gives
+        them: a slice, or an index tensor for an interleaved site."""
+        if not self.period:
+            return slice(self.start, self.stop)
+        heads = torch.arange(self.num_heads, device=device).unsqueeze(1) * self.period
+        return (heads + torch.arange(self.start, self.stop, device=device)).flatten()
 
     def heads_first(self, inp: torch.Tensor | None) -> bool:
         """For a per-head norm: True when its input is ``(B, heads, T, head_dim)`` (Gemma 3 transposes before
@@ -89,6 +117,8 @@ class KVSite:
         """The site's activation ``(..., width)`` in its module's output ``out``."""
         if self.layout == "heads":
             return (out.transpose(1, 2) if heads_first else out).flatten(-2)
+        if self.period:
+            return out.unflatten(-1, (self.num_heads, self.period))[..., self.start:self.stop].flatten(-2)
         return out[..., self.start:self.stop]
 
     def write(self, out: torch.Tensor, new: torch.Tensor, heads_first: bool = False) -> torch.Tensor:
@@ -154,6 +184,55 @@ def _key_norm_site(attn: nn.Module, k: KVSite, prefix: str) -> KVSite:
     return KVSite(k.layer, "k", f"{prefix}.k_norm", norm, 0, k.width, k.num_heads, k.head_dim, layout)
 
 
+#: Attention classes whose ``query_key_value`` layout is known (a subclass counts: Falcon's flash attention).
+_QKV_FAMILIES = ("GPTNeoXAttention", "BloomAttention", "FalconAttention")
+
+
+def _qkv_family(attn: nn.Module) -> str | None:
+    """Which of :data:`_QKV_FAMILIES` ``attn`` is; None for another ``query_key_value`` (ChatGLM, Persimmon...)."""
+    names = {cls.__name__ for cls in type(attn).__mro__}
+    return next((family for family in _QKV_FAMILIES if family in names), None)
+
+
+def _query_key_value_sites(attn: nn.Module, layer: int, prefix: str, num_q_heads: int | None,
+                           head_dim: int) -> list[KVSite]:
+    """K and V sites of a fused ``query_key_value``, split as the family's own attention splits it.
+
+    GPT-NeoX, Bloom and Falcon without multi-query view the output as ``(heads, 3, head_dim)``; Falcon's new
+    decoder architecture as ``(kv_heads, q_per_kv + 2, head_dim)`` (the KV head's k and v last in its group);
+    Falcon's multi-query as q heads, then one k head, then one v head (a plain slice).
+    """
+    name, module = f"{prefix}.query_key_value", dict(attn.named_children())["query_key_value"]
+    family = _qkv_family(attn)
+    if family is None or num_q_heads is None:
+        raise ValueError(f"{name} of {type(attn).__name__}: its q/k/v layout is not known "
+                         f"(known: {', '.join(_QKV_FAMILIES)}); add this architecture to selfdistill/arch.py")
+    hd = head_dim
+
+    def site(kind: Kind, start: int, heads: int, period: int = 0) -> KVSite:
+        return KVSite(layer, kind, name, module, start, start + (hd if period else heads * hd), heads, hd,
+                      period=period)
+
+    if family == "FalconAttention" and getattr(attn, "new_decoder_architecture", False):
+        kv = getattr(attn, "num_kv_heads", None)
+        if not isinstance(kv, int) or kv < 1 or num_q_heads % kv:
+            raise ValueError(f"{name}: num_kv_heads {kv} does not divide the {num_q_heads} query heads")
+        per, period = num_q_heads // kv, (num_q_heads // kv + 2) * hd
+        expected, sites = kv * period, [site("k", per * hd, kv, period), site("v", (per + 1) * hd, kv, period)]
+    elif family == "FalconAttention" and getattr(attn, "multi_query", False):
+        q = num_q_heads * hd
+        expected, sites = q + 2 * hd, [site("k", q, 1), site("v", q + hd, 1)]
+    else:
+        period = 3 * hd
+        expected, sites = num_q_heads * period, [site("k", hd, num_q_heads, period),
+                                                 site("v", 2 * hd, num_q_heads, period)]
+    width = _out_features(module)
+    if width != expected:
+        raise ValueError(f"{name}: width {width}, but {type(attn).__name__} with {num_q_heads} heads of "
+                         f"{hd} splits {expected} columns")
+    return sites
+
+
 def _sites_of(attn: nn.Module, layer: int, prefix: str, config: object, key_site: KeySite = "auto") -> list[KVSite]:
     """K and V sites of one attention module, or [] if it has no recognised projection."""
     children = dict(attn.named_children())
@@ -191,6 +270,8 @@ def _sites_of(attn: nn.Module, layer: int, prefix: str, config: object, key_site
             raise ValueError(f"{prefix}.qkv_proj: width {width} does not split as q|k|v with q={q}")
         kv = (width - q) // 2
         return [site("k", "qkv_proj", q, q + kv), site("v", "qkv_proj", q + kv, q + 2 * kv)]
+    if "query_key_value" in children:  # GPT-NeoX, Bloom, Falcon: per-head interleaved (or Falcon's q|k|v)
+        return _query_key_value_sites(attn, layer, prefix, num_q_heads, head_dim)
     return []
 
 
@@ -201,7 +282,7 @@ def kv_sites(model: nn.Module, key_site: KeySite = "auto") -> list[KVSite]:
     architecture has one; ``proj`` keeps them at the raw projection output.
 
     Attention modules are found by walking the decoder's modules for one with
-    ``k_proj``+``v_proj``, ``c_attn`` or ``qkv_proj`` children; the layer index
+    ``k_proj``+``v_proj``, ``c_attn``, ``qkv_proj`` or ``query_key_value`` children; the layer index
     is the module's ``layer_idx`` when it has one, else its order.
     """
     names = {id(m): n for n, m in model.named_modules()}
@@ -209,7 +290,7 @@ def kv_sites(model: nn.Module, key_site: KeySite = "auto") -> list[KVSite]:
     found: list[tuple[nn.Module, str]] = []
     for _, module in _decoder_root(model).named_modules():
         child_names = {n for n, _ in module.named_children()}
-        if {"k_proj", "v_proj"} <= child_names or child_names & {"c_attn", "qkv_proj"}:
+        if {"k_proj", "v_proj"} <= child_names or child_names & {"c_attn", "qkv_proj", "query_key_value"}:
             found.append((module, names.get(id(module), type(module).__name__)))
     sites: list[KVSite] = []
     for order, (attn, prefix) in enumerate(found):
@@ -218,7 +299,8 @@ def kv_sites(model: nn.Module, key_site: KeySite = "auto") -> list[KVSite]:
     if not sites:
         raise ValueError(
             f"{type(model).__name__}: no K/V projections found (looked for attention modules with "
-            "k_proj+v_proj, c_attn or qkv_proj children); add this architecture to selfdistill/arch.py")
+            "k_proj+v_proj, c_attn, qkv_proj or query_key_value children); add this architecture to "
+            "selfdistill/arch.py")
     keys = [s.key for s in sites]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{type(model).__name__}: two attention modules claim the same layer index")
@@ -232,7 +314,11 @@ def sites_by_key(model: nn.Module, key_site: KeySite = "auto") -> dict[SiteKey, 
 
 def _apply_edits(out: torch.Tensor, edits: list[tuple[KVSite, KVEdit]], inp: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """``out`` with each site's slice replaced by ``fn(slice)`` (out-of-place, autograd-safe)."""
+    """``out`` with each site's columns replaced by ``fn(site)`` (out-of-place, autograd-safe).
+
+    Slices and interleaved sites alike: the output is seen as ``(..., groups, period)`` (one group for
+    slices) and rebuilt by concatenating, in every group, the untouched columns and each edited site's.
+    """
     if len(edits) == 1 and edits[0][0].whole_output:
         site, fn = edits[0]
         if site.layout == "heads":
@@ -240,13 +326,18 @@ def _apply_edits(out: torch.Tensor, edits: list[tuple[KVSite, KVEdit]], inp: tor
             old = site.read(out, first)
             return site.write(out, _checked(fn(old), old, site), first)
         return _checked(fn(out), out, site)
+    groups, period = edits[0][0].groups(out.shape[-1])
+    if any(site.groups(out.shape[-1]) != (groups, period) for site, _ in edits):
+        raise ValueError(f"{edits[0][0].module_name}: its sites group the output differently")
+    grouped = out.unflatten(-1, (groups, period))
     pieces, cursor = [], 0
     for site, fn in sorted(edits, key=lambda e: e[0].start):
-        pieces.append(out[..., cursor:site.start])
-        pieces.append(_checked(fn(out[..., site.start:site.stop]), out[..., site.start:site.stop], site))
+        old = site.read(out)
+        pieces.append(grouped[..., cursor:site.start])
+        pieces.append(_checked(fn(old), old, site).unflatten(-1, (groups, site.stop - site.start)))
         cursor = site.stop
-    pieces.append(out[..., cursor:])
-    return torch.cat(pieces, dim=-1)
+    pieces.append(grouped[..., cursor:])
+    return torch.cat(pieces, dim=-1).flatten(-2)
 
 
 def _checked(new: torch.Tensor, old: torch.Tensor, site: KVSite) -> torch.Tensor:

@@ -2,13 +2,17 @@
 
 Tiny random models built from configs (no downloads), one per supported layout:
 separate projections with GQA (Llama, Qwen2, Qwen3 with k_norm, Mistral,
-Gemma 2, Gemma 3), fused q|k|v with GQA (Phi-3) and fused Conv1D (GPT-2).
+Gemma 2, Gemma 3), fused q|k|v with GQA (Phi-3), fused Conv1D (GPT-2), and
+fused ``query_key_value``: per-head interleaved (GPT-NeoX, Bloom, Falcon
+without multi-query), grouped with GQA (Falcon's new decoder architecture)
+and q|k|v with one KV head (Falcon's default multi-query).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from selfdistill.arch import edit_kv, kv_sites
+from selfdistill.arch import edit_kv, kv_sites, sites_by_key
 from selfdistill.methods.spd.projection import project, project_kv, select_layers
 from selfdistill.methods.spd.subspace import (Subspace, SubspaceAccumulator, SubspaceSet, fit_subspace,
                                       fit_subspace_from_gram, kv_gradients, layer_energy,
@@ -28,6 +32,8 @@ VOCAB = 100
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+_FUSED = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**_COMMON),
     "qwen2": lambda: tf.Qwen2Config(**_COMMON),
@@ -39,8 +45,20 @@ CONFIGS = {
     "phi3": lambda: tf.Phi3Config(**_COMMON),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                   initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "neox": lambda: tf.GPTNeoXConfig(**_FUSED),  # (heads, 3, head_dim), partial rotary after the split
+    "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.2,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),  # (heads, 3, head_dim), ALiBi
+    "falcon": lambda: tf.FalconConfig(**_FUSED),  # the default: multi-query, q heads | k | v
+    "falcon_new": lambda: tf.FalconConfig(**_FUSED, new_decoder_architecture=True, num_kv_heads=2, bias=True),
+    "falcon_mha": lambda: tf.FalconConfig(**_FUSED, multi_query=False),  # (heads, 3, head_dim)
 }
 ARCHS = list(CONFIGS)
+#: Fused query_key_value families: (groups, slots, k slot, v slot), the model's own view of the output as
+#: (..., groups, slots, head_dim) and the slots holding the keys and values (written out from each model's code).
+QKV_VIEW = {"neox": (4, 3, 1, 2), "bloom": (4, 3, 1, 2), "falcon_mha": (4, 3, 1, 2),
+            "falcon_new": (2, 4, 2, 3),  # per KV head: its 2 queries, k, v
+            "falcon": (1, 6, 4, 5)}  # 4 query heads, then the one k head and the one v head
+FUSED = list(QKV_VIEW)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +116,7 @@ def test_kv_sites_cover_every_layer_with_kv_width(arch):
     cfg = model.config
     n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     assert [s.key for s in sites] == [(l, k) for l in range(n_layers) for k in ("k", "v")]
-    kv_heads = 4 if arch == "gpt2" else 2  # GQA everywhere but GPT-2
+    kv_heads = {"gpt2": 4, "neox": 4, "bloom": 4, "falcon_mha": 4, "falcon": 1}.get(arch, 2)  # else GQA
     for s in sites:
         assert (s.num_heads, s.head_dim, s.width) == (kv_heads, 8, kv_heads * 8)
 
@@ -138,9 +156,9 @@ def test_kv_sites_error_names_model_class():
         kv_sites(nn.Sequential(nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
-def test_edit_kv_reaches_the_right_slice(arch):
-    """Editing a site replaces exactly that slice of the projection's output."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "neox", "falcon_new"])
+def test_edit_kv_reaches_the_right_columns(arch):
+    """Editing a site replaces exactly its columns of the projection's output (a slice, or interleaved)."""
     model = tiny(arch)
     site = kv_sites(model)[1]  # layer 0, 'v'
     x_BTD = torch.randn(1, 3, model.config.hidden_size)
@@ -148,9 +166,122 @@ def test_edit_kv_reaches_the_right_slice(arch):
         raw = site.module(x_BTD)
         with edit_kv(model, {site.key: lambda h: torch.full_like(h, 7.0)}):
             out = site.module(x_BTD)
-    assert torch.all(out[..., site.start:site.stop] == 7.0)
-    torch.testing.assert_close(out[..., :site.start], raw[..., :site.start], atol=0, rtol=0)
-    torch.testing.assert_close(out[..., site.stop:], raw[..., site.stop:], atol=0, rtol=0)
+    mine = torch.zeros(raw.shape[-1], dtype=torch.bool)
+    mine[site.rows()] = True
+    assert int(mine.sum()) == site.width and torch.all(out[..., mine] == 7.0)
+    torch.testing.assert_close(out[..., ~mine], raw[..., ~mine], atol=0, rtol=0)
+    torch.testing.assert_close(site.read(out), torch.full((1, 3, site.width), 7.0), atol=0, rtol=0)
+
+
+def _own_kv(model: nn.Module, layer: int, fused_BTW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values split from layer ``layer``'s ``query_key_value`` output by the model's own code,
+    ``(B, T, heads, head_dim)`` with the heads attention sees (Falcon's new decoder: each KV head repeated)."""
+    if isinstance(model, tf.GPTNeoXForCausalLM):  # inline in GPTNeoXAttention.forward
+        hd = model.config.hidden_size // model.config.num_attention_heads
+        _, k, v = fused_BTW.view(*fused_BTW.shape[:-1], -1, 3 * hd).transpose(1, 2).chunk(3, dim=-1)
+        return k.transpose(1, 2), v.transpose(1, 2)
+    attn = model.transformer.h[layer].self_attention
+    if isinstance(model, tf.BloomForCausalLM):
+        _, k, v = attn._reshape(fused_BTW)
+        return k.transpose(1, 2), v.transpose(1, 2)
+    _, k, v = attn._split_heads(fused_BTW)
+    return k, v
+
+
+def _rotated(model: nn.Module, k_BHTd: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Keys after the model's own rotary embedding (unchanged under Bloom's ALiBi)."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    if rotary is None:
+        return k_BHTd
+    cos, sin = rotary(k_BHTd, position_ids_BT)
+    return sys.modules[type(model).__module__].apply_rotary_pos_emb(k_BHTd, k_BHTd, cos, sin)[1]
+
+
+@pytest.mark.parametrize("arch", FUSED)
+def test_fused_qkv_sites_read_the_keys_and_values_attention_uses(arch):
+    """A query_key_value site reads what the model's own split gives attention, and what its cache holds:
+    values as they are, keys once the model's rotary embedding has turned them."""
+    model = tiny(arch)
+    ids_BT, mask_BT = batch(left_pad=0)
+    by_key = sites_by_key(model)
+    fused: dict[str, torch.Tensor] = {}
+    handles = [s.module.register_forward_hook(lambda _m, _a, out, n=s.module_name: fused.__setitem__(n, out))
+               for s in by_key.values()]
+    try:
+        with torch.no_grad():
+            cache = model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=True).past_key_values
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in range(2):
+        k_site, v_site = by_key[(layer, "k")], by_key[(layer, "v")]
+        assert k_site.module_name.endswith("query_key_value") and k_site.module is v_site.module
+        out_BTW = fused[k_site.module_name]
+        k_own, v_own = _own_kv(model, layer, out_BTW)
+        rep = k_own.shape[2] // k_site.num_heads  # Falcon's new decoder: queries per KV head
+        k_BTHd, v_BTHd = (s.read(out_BTW).unflatten(-1, (s.num_heads, s.head_dim)).repeat_interleave(rep, dim=2)
+                          for s in (k_site, v_site))
+        assert torch.equal(k_BTHd, k_own) and torch.equal(v_BTHd, v_own)
+        kv_heads = cache.layers[layer].values.shape[1]  # Falcon's multi-query caches its one KV head
+        k_BHTd, v_BHTd = (x[:, :, :kv_heads].transpose(1, 2) for x in (k_BTHd, v_BTHd))
+        torch.testing.assert_close(cache.layers[layer].values, v_BHTd, atol=0, rtol=0)
+        torch.testing.assert_close(cache.layers[layer].keys, _rotated(model, k_BHTd, positions_of(mask_BT)),
+                                   atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", FUSED)
+def test_fused_qkv_edits_equal_the_same_edit_done_by_hand(arch):
+    """Scaling (plus an offset: a per-column scale alone acts on q.k as on the queries) or zeroing sites
+    through edit_kv gives exactly the logits of the same edit written against the model's own view of
+    query_key_value; identity edits change nothing."""
+    model = tiny(arch)
+    ids_BT, mask_BT = batch()
+    base = logits(model, ids_BT, mask_BT)
+    groups, slots, k_slot, v_slot = QKV_VIEW[arch]
+    g = torch.Generator().manual_seed(0)
+    # K and V of one module scaled and shifted, V of another zeroed: (scale, offset), each (groups, head_dim)
+    edit = {(0, "k"): (torch.rand(groups, 8, generator=g) + 0.5, torch.randn(groups, 8, generator=g)),
+            (0, "v"): (torch.rand(groups, 8, generator=g) + 0.5, torch.randn(groups, 8, generator=g)),
+            (1, "v"): (torch.zeros(groups, 8), torch.zeros(groups, 8))}
+    by_key = sites_by_key(model)
+
+    def by_hand(layer: int):
+        def hook(_m, _a, out):
+            new = out.clone()
+            view = new.view(*new.shape[:-1], groups, slots, 8)
+            for kind, slot in (("k", k_slot), ("v", v_slot)):
+                if (layer, kind) in edit:
+                    scale, offset = edit[(layer, kind)]
+                    view[..., slot, :] = view[..., slot, :] * scale + offset
+            return new
+        return hook
+
+    handles = [by_key[(layer, "k")].module.register_forward_hook(by_hand(layer)) for layer in (0, 1)]
+    try:
+        want = logits(model, ids_BT, mask_BT)
+    finally:
+        for h in handles:
+            h.remove()
+    with edit_kv(model, {key: (lambda h, s=s, c=c: h * s.flatten() + c.flatten()) for key, (s, c) in edit.items()}):
+        got = logits(model, ids_BT, mask_BT)
+    assert torch.equal(got, want) and (got - base).abs().max() > 1e-3
+    with edit_kv(model, {key: (lambda h: h) for key in by_key}):
+        assert torch.equal(logits(model, ids_BT, mask_BT), base)
+    with edit_kv(model, {key: (lambda h: h.clone()) for key in [(0, "k"), (1, "v")]}):
+        assert torch.equal(logits(model, ids_BT, mask_BT), base)
+    assert hook_count(model) == 0
+
+
+def test_unknown_query_key_value_layout_raises_a_clear_error():
+    """A query_key_value whose family is not known is refused, not split by guess."""
+    class OtherAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query_key_value = nn.Linear(8, 24)
+            self.num_heads, self.head_dim = 2, 4
+
+    with pytest.raises(ValueError, match="OtherAttention: its q/k/v layout is not known"):
+        kv_sites(nn.ModuleList([OtherAttention()]))
 
 
 # --------------------------------------------------------------------------- projection
@@ -259,7 +390,8 @@ def test_folded_projection_equals_hooks_and_restores_weights(arch):
         hooked = logits(model, ids_BT, mask_BT)
     with project_kv(model, subs, beta=0.3, fold=True):
         folded = logits(model, ids_BT, mask_BT)
-        # GPT-2's Conv1D keeps its hooks; a K site after a key norm is not a linear map's output: hooked
+        # GPT-2's Conv1D keeps its hooks; a K site after a key norm is not a linear map's output: hooked;
+        # query_key_value sites (interleaved or not, nn.Linear or FalconLinear) fold into their weight rows
         hooks = {"gpt2": 2, "qwen3": 2, "gemma3": 2, "olmo2": 2}.get(arch, 0)
         assert hook_count(model) == hooks
     torch.testing.assert_close(folded, hooked, atol=2e-5, rtol=2e-5)

@@ -115,3 +115,49 @@ def test_spd_opd_teacher_is_the_student_when_nothing_is_projected(tiny_model_dir
 
     assert abs(first_loss("1.0", "b1")) < 1e-6
     assert first_loss("0.0", "b0") > 1e-5
+
+
+def _neox_model_dir(path) -> str:
+    """A tiny random GPT-NeoX (K/V interleaved per head in one ``query_key_value``) + the toy tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512, pad_token_id=TOK.pad_token_id,
+                        eos_token_id=TOK.eos_token_id, bos_token_id=None)
+    model = GPTNeoXForCausalLM(cfg)
+    model.generation_config.eos_token_id = TOK.eos_token_id
+    model.generation_config.pad_token_id = TOK.pad_token_id
+    model.save_pretrained(path)
+    TOK.save_pretrained(path)
+    return str(path)
+
+
+def test_spd_trains_end_to_end_on_gpt_neox(tmp_path, monkeypatch):
+    """SPD on a model whose K/V sites are interleaved columns of query_key_value: the subspace is fit on
+    them, sampling folds the projection into those weight rows, two SFT steps train."""
+    import json
+
+    from selfdistill.methods.spd import projection
+
+    folded: list[list] = []
+    fold_kv = projection.fold_kv
+
+    def spy(model, subspaces, *args, **kwargs):
+        folded.append(sorted(subspaces))
+        return fold_kv(model, subspaces, *args, **kwargs)
+
+    monkeypatch.setattr(projection, "fold_kv", spy)
+    out = tmp_path / "run"
+    args = ["train", "--method", "spd", "--model.path", _neox_model_dir(tmp_path / "neox"), "--output_dir", str(out),
+            "--steps", "2", "--batch_size", "2", "--micro_batch_size", "2", "--spd.probe_size", "4",
+            "--spd.probe_samples", "1", "--spd.selector", "all", "--spd.rank", "2", "--spd.beta", "0.5",
+            "--rollout.max_new_tokens", "6", "--data.train_size", "8", "--data.test_size", "2",
+            "--eval.max_items", "2", "--eval.max_new_tokens", "4", "--eval_before", "false"]
+    assert main(args) == 0
+    sset = load_subspaces(out / "subspace-round0.safetensors")
+    assert sorted(sset.subspaces) == [(l, k) for l in (0, 1) for k in ("k", "v")]
+    assert all(s.dim == 32 and s.rank == 2 for s in sset.subspaces.values())  # 4 heads x 8, all KV heads
+    assert [(0, "k"), (0, "v"), (1, "k"), (1, "v")] in folded  # sampling folded every site, hooked none
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(losses) == 2 and all(l > 0 for l in losses)

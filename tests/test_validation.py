@@ -136,18 +136,17 @@ def _empty_split(tmp: Path, split: str) -> list[str]:
     return ["--data.tasks", f"jsonl:{d}", "--eval.splits", "test_id"]
 
 
-def _neox_dir(tmp: Path) -> str:
-    """A tiny GPT-NeoX: fused per-head q/k/v (query_key_value), which SPD's K/V adapter does not handle."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def _mpt_dir(tmp: Path) -> str:
+    """A tiny MPT: fused q/k/v in ``Wqkv``, which SPD's K/V adapter does not handle."""
+    from transformers import MptConfig, MptForCausalLM
 
     from selfdistill.toy.tokenizer import build_toy_tokenizer
 
     tok = build_toy_tokenizer()
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id)
-    path = tmp / "neox"
-    GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    cfg = MptConfig(vocab_size=len(tok), d_model=16, n_layers=1, n_heads=2, expansion_ratio=2, max_seq_len=512,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp / "mpt"
+    MptForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -277,8 +276,8 @@ CASES = [
     ("spd-selector-finds-no-answer", lambda t, m: ["--method", "spd", "--spd.probe_size", "1",
                                                    "--spd.probe_samples", "1"],
      "spd.selector=answer: none of the 1 probe completions had correctness-defining tokens"),
-    ("spd-unsupported-architecture", lambda t, m: ["--method", "spd", "--model.path", _neox_dir(t)],
-     "method spd: model.path {t}/neox: GPTNeoXForCausalLM: no K/V projections found"),
+    ("spd-unsupported-architecture", lambda t, m: ["--method", "spd", "--model.path", _mpt_dir(t)],
+     "method spd: model.path {t}/mpt: MptForCausalLM: no K/V projections found"),
 ]
 
 

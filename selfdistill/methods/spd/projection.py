@@ -158,15 +158,22 @@ def select_layers(subspaces: Mapping[SiteKey, Subspace], layers: LayerSpec) -> l
     return chosen
 
 
+def _plain_linear(mod: nn.Module) -> bool:
+    """``nn.Linear`` itself, or a subclass known to compute ``x W^T + b`` with nothing else (Falcon's)."""
+    cls = type(mod)
+    return cls is nn.Linear or (cls.__name__ == "FalconLinear" and cls.__bases__ == (nn.Linear,))
+
+
 def foldable(site: KVSite) -> bool:
     """True when writing ``site``'s module's weight changes what it computes, and nothing else is in the way.
 
-    A plain ``nn.Linear`` (not a LoRA/quantised wrapper, not GPT-2's Conv1D) with an ordinary floating-point
-    weight that is materialised (not offloaded to ``meta``) and not recomputed by a pre-hook (weight norm,
-    accelerate's offloading).
+    A plain ``nn.Linear`` or Falcon's ``FalconLinear`` (the same map, its bias added after the matmul; not a
+    LoRA/quantised wrapper, not GPT-2's Conv1D) with an ordinary floating-point weight that is materialised
+    (not offloaded to ``meta``) and not recomputed by a pre-hook (weight norm, accelerate's offloading). A
+    site that is a module's output columns folds into those weight rows, whether a slice or interleaved.
     """
     mod = site.module
-    if type(mod) is not nn.Linear or mod._forward_pre_hooks:
+    if site.layout != "flat" or not _plain_linear(mod) or mod._forward_pre_hooks:
         return False
     w = mod.weight
     return type(w.data) is torch.Tensor and w.is_floating_point() and not w.is_meta
@@ -195,11 +202,12 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
         if not foldable(site):
             raise TypeError(f"{site.module_name} ({type(site.module).__name__}) cannot be folded: use the hook form")
         if sub.dim != site.width:
-            raise ValueError(f"subspace of width {sub.dim} for {site.module_name}[{site.start}:{site.stop}] "
-                             f"(width {site.width})")
+            where = f"[{site.start}:{site.stop}]" + (f" of every {site.period} columns" if site.period else "")
+            raise ValueError(f"subspace of width {sub.dim} for {site.module_name}{where} (width {site.width})")
         by_module.setdefault(id(site.module), []).append((site, sub))
-    # per module: (module, [(rows, weight rows, bias rows or None)], bias added for the block)
-    saved: list[tuple[nn.Linear, list[tuple[slice, torch.Tensor, torch.Tensor | None]], bool]] = []
+    # per module: (module, [(rows, weight rows, bias rows or None)], bias added for the block); rows are a
+    # slice, or an index tensor for an interleaved site (GPT-NeoX, Bloom, Falcon's query_key_value)
+    saved: list[tuple[nn.Linear, list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor | None]], bool]] = []
     try:
         with torch.no_grad():
             for edits in by_module.values():
@@ -208,12 +216,12 @@ def fold_kv(model: nn.Module, subspaces: Mapping[SiteKey, Subspace], beta: float
                 new_b = None
                 if mod.bias is None and any(s.mu_d is not None for _, s in edits):
                     new_b = torch.zeros(W.shape[0], dtype=W.dtype, device=dev)
-                backup: list[tuple[slice, torch.Tensor, torch.Tensor | None]] = []
+                backup: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
                 saved.append((mod, backup, new_b is not None))
                 # Nesting counts: the vLLM backend must not sample from unfolded copies while any fold is active.
                 mod._selfdistill_kv_folded = getattr(mod, "_selfdistill_kv_folded", 0) + 1
                 for site, sub in edits:
-                    sl = slice(site.start, site.stop)
+                    sl = site.rows(dev)
                     backup.append((sl, W[sl].clone(), None if mod.bias is None else mod.bias[sl].clone()))
                     A, c = dense_map(sub.U_dr.to(dev), beta, sub.mu_d)
                     W[sl] = (A @ W[sl].to(torch.float64)).to(W.dtype)
