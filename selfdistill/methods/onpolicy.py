@@ -26,7 +26,7 @@ import torch
 from selfdistill.methods.base import Method, TrainBatch
 from selfdistill.models import unwrap, unwrap_ddp
 from selfdistill.rollout import Rollouts, generate
-from selfdistill.scoring import lm_head_weight
+from selfdistill.scoring import lm_head
 from selfdistill.objectives import divergence_from_hidden
 from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, forward_hidden, make_batch
 from selfdistill.tasks.base import Item
@@ -157,13 +157,13 @@ class OnPolicyMethod(Method):
         t0 = time.perf_counter()
         with self.teacher.scoring() as tm, self.teacher_view(tm):
             t_rows = forward_hidden(tm, t_batch)[:, :-1][t_mask]
-            t_head = lm_head_weight(tm).detach()
+            t_head = lm_head(tm).detach()
         t_teacher = time.perf_counter() - t0
         weights_N = micro.tensors["weights_B"].to(ctx.device)[:, None].expand_as(s_mask)[s_mask]
         ids_N = s_batch.input_ids_BT[:, 1:][s_mask]
         old = micro.tensors.get("old_logp_BT")
         old_N = old.to(ctx.device)[:, 1:][s_mask] if old is not None else None
-        loss = self.objective(s_rows, lm_head_weight(ctx.model), t_rows, t_head, weights_N, ids_N, old_N, num_tokens)
+        loss = self.objective(s_rows, lm_head(ctx.model), t_rows, t_head, weights_N, ids_N, old_N, num_tokens)
         return loss, {"time_teacher_s": t_teacher}
 
     def objective(self, s_rows, s_head, t_rows, t_head, weights_N, ids_N, old_N, num_tokens) -> torch.Tensor:
