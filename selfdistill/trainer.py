@@ -265,6 +265,7 @@ def _prepare_run(cfg: TrainConfig):
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     validation.check_environment(cfg)
+    validation.check_sampler_ratio(cfg, method_cls)
     validation.check_templates(cfg, method_cls.sections)
     tasks = build_tasks(cfg.data)
     for t in tasks:
