@@ -3,8 +3,8 @@
 Tiny random models, one per kind of head: a bias (Phi, GPT-J), final-logit soft-capping (Gemma 2, with a
 cap small enough to bind), a logit scale (Cohere's ``logit_scale``, Granite's ``logits_scaling``), and a
 plain Qwen3 as the control. For each, the per-token log-probs, the SFT loss, the on-policy divergence
-(through the OPSD method's loss) and the subset reverse KL are compared, value and gradients, with what
-``log_softmax(model(input_ids, attention_mask).logits)`` gives, in float32.
+(through the OPSD method's loss), GRPO's loss and the subset reverse KL are compared, value and gradients,
+with what ``log_softmax(model(input_ids, attention_mask).logits)`` gives, in float32.
 """
 
 from __future__ import annotations
@@ -132,15 +132,16 @@ def test_token_logprobs_and_sft_loss_equal_model_logits(arch, temperature):
     assert_grads_close(grads(model, loss), grads(model, want_loss))
 
 
-def _opsd(model, **distill):
+def _method(name: str, model, **dotted):
+    """Method ``name`` around ``model`` (enough for its loss: no tokenizer, no tasks)."""
     from selfdistill.methods.base import Context, get_method
 
-    cfg = tinyrun.config({"method": "opsd", "output_dir": "unused", "model": {"path": "toy"}},
-                         **{f"distill.{k}": v for k, v in distill.items()})
+    cfg = tinyrun.config({"method": name, "output_dir": "unused", "model": {"path": "toy"},
+                          "onpolicy": {"samples_per_prompt": 2}}, **dotted)
     acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"), is_main_process=True)
     ctx = Context(cfg=cfg, model=model, tokenizer=None, tasks=[], accelerator=acc, out_dir=None,
                   log=lambda s: None)
-    return get_method("opsd")(ctx)
+    return get_method(name)(ctx)
 
 
 def _divergence_by_hand(ls: torch.Tensor, lt: torch.Tensor, kind: str) -> torch.Tensor:
@@ -163,7 +164,7 @@ def test_onpolicy_divergence_equals_model_logits(arch, kind):
     from selfdistill.methods.base import TrainBatch
 
     model = tiny(arch)
-    method = _opsd(model, kind=kind, beta=0.5, chunk_size=4)
+    method = _method("opsd", model, **{"distill.kind": kind, "distill.beta": 0.5, "distill.chunk_size": 4})
     s, t = batches(2)
     weights_B = torch.tensor([1.0, 0.0, 1.0])  # the middle sample has no teacher signal
     n = (s.completion_mask_BT[:, 1:] * weights_B[:, None]).sum()
@@ -175,7 +176,30 @@ def test_onpolicy_divergence_equals_model_logits(arch, kind):
         lt = torch.log_softmax(model_logits(method.teacher.copy, t)[t_mask], -1)
     w_N = weights_B[:, None].expand_as(s_mask)[s_mask]
     want = (_divergence_by_hand(ls, lt, kind) * w_N).sum() / n
-    assert float(want) > 1e-3  # the teacher's prompt moves its distribution: the comparison is not 0 == 0
+    assert float(want.detach()) > 1e-3  # the teacher's prompt moves its distribution: the comparison is not 0 == 0
+    torch.testing.assert_close(loss, want, **TOL)
+    assert_grads_close(grads(model, loss), grads(model, want))
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_grpo_loss_equals_model_logits(arch):
+    """GRPO's loss (log-probs at the sampling temperature 0.7, a clipped ratio against given rollout log-probs)
+    equals policy_gradient_loss on log-probs from model(...).logits, value and gradients."""
+    from selfdistill.methods.base import TrainBatch
+    from selfdistill.objectives import policy_gradient_loss
+
+    model = tiny(arch)
+    method = _method("grpo", model, **{"rollout.temperature": 0.7})
+    s, _ = batches(4)
+    mask = s.completion_mask_BT[:, 1:]
+    logp = model_logprobs(model, s, 0.7)
+    g = torch.Generator().manual_seed(5)
+    old_BT = torch.nn.functional.pad(logp.detach() + 0.3 * torch.randn(logp.shape, generator=g), (1, 0))
+    adv_B = torch.tensor([1.0, -0.5, 0.25])
+    loss, info = method.loss(TrainBatch(s, None, {"adv_B": adv_B, "old_logp_BT": old_BT}), mask.sum())
+    want = policy_gradient_loss(logp, old_BT[:, 1:], adv_B[:, None], mask, clip_eps=0.2,
+                                num_items_in_batch=mask.sum())
+    assert 0 < info["clip_frac"] < 1  # both branches of the clip are taken
     torch.testing.assert_close(loss, want, **TOL)
     assert_grads_close(grads(model, loss), grads(model, want))
 
