@@ -25,7 +25,7 @@ from selfdistill.methods.safesteer.tokens import load_tokens
 from selfdistill.models import load_model
 from selfdistill.residual import add_direction
 from selfdistill.rollout import SamplingConfig, generate
-from selfdistill.scoring import lm_head_weight
+from selfdistill.scoring import lm_head
 from selfdistill.sequences import chat_prompt, forward_hidden, make_batch
 from selfdistill.tasks.refusal import RefusalTask
 
@@ -43,14 +43,14 @@ def main(model_path: str, folder: Path) -> None:
     batch = make_batch(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
     mask = batch.completion_mask_BT[:, 1:].bool()
     first = mask & (mask.long().cumsum(-1) == 1)
-    head = lm_head_weight(model).float()
+    head = lm_head(model).to(torch.float32)
     with torch.no_grad():
         hs = forward_hidden(model, batch)[:, :-1]
         with add_direction(model, d.layer, d.vector, steering_coeff(d)):
             ht = forward_hidden(model, batch)[:, :-1]
     for name, m in (("first completion token", first), ("all completion tokens", mask)):
-        ps = torch.softmax(hs[m].float() @ head.T, -1)[:, ids]
-        pt = torch.softmax(ht[m].float() @ head.T, -1)[:, ids]
+        ps = torch.softmax(head.logits(hs[m]), -1)[:, ids]
+        pt = torch.softmax(head.logits(ht[m]), -1)[:, ids]
         down = (ps > pt / math.e).float().mean()
         print(f"{name} ({int(m.sum())} positions): mass on the {len(ids)} safety tokens student "
               f"{ps.sum(-1).mean():.3f}, steered teacher {pt.sum(-1).mean():.3f}; "

@@ -17,7 +17,7 @@ from selfdistill.config import ModelConfig
 from selfdistill.method_configs import OPSD_TEMPLATE
 from selfdistill.models import load_model
 from selfdistill.objectives import token_logprobs_from_hidden
-from selfdistill.scoring import lm_head_weight
+from selfdistill.scoring import lm_head
 from selfdistill.sequences import chat_prompt, encode_prompts, forward_hidden, make_batch
 from selfdistill.toy.tasks import make_item
 
@@ -40,7 +40,7 @@ def main() -> None:
                                tok.pad_token_id)
             with torch.no_grad():
                 hidden = forward_hidden(model, batch)[:, :-1]
-                lp = token_logprobs_from_hidden(hidden, lm_head_weight(model), batch.input_ids_BT[:, 1:])
+                lp = token_logprobs_from_hidden(hidden, lm_head(model), batch.input_ids_BT[:, 1:])
             mask = batch.completion_mask_BT[:, 1:].float()
             print(f"{d:<7} {name:<13} {float((lp * mask).sum() / mask.sum()):.3f}")
 

@@ -198,8 +198,10 @@ class GRPOConfig:
     scale_rewards: bool = field(default=True, metadata={
         "help": "Divide centred rewards by the group's std (false: Dr. GRPO, centring only)."})
     adv_eps: float = field(default=1e-4, metadata={"help": "eps in (r - mean) / (std + eps)."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Temperature of the log-probs in the ratio (1 = the model's own distribution)."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "Temperature of the log-probs in the ratio and the KL term. Unset (the default): "
+                "rollout.temperature (1 when sampling is greedy), the distribution the rollouts were drawn "
+                "from. Before issue #18 the default was 1 (the model's own distribution): pass 1.0 for that."})
 
     def __post_init__(self) -> None:
         if self.clip_eps < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
@@ -207,8 +209,8 @@ class GRPOConfig:
                              f"{self.clip_eps_high}")
         if self.kl_coef < 0:
             raise ValueError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
-        if not self.temperature > 0:
-            raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"grpo.temperature must be > 0 (or unset), got {self.temperature}")
 
 
 SGSD_TEMPLATE = "{problem}\n\nUse these skills:\n{guidance}"

@@ -71,15 +71,27 @@ class SamplingConfig:
             raise ValueError("rollout.vllm_gpu_memory_utilization must be in (0, 1], "
                              f"got {self.vllm_gpu_memory_utilization}")
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the sampler's log-probs: ``temperature``, or 1 when sampling is greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 @dataclass
 class Rollouts:
-    """Sampled completions for a list of formatted prompts (same order)."""
+    """Sampled completions for a list of formatted prompts (same order).
+
+    ``sampler_logprobs``: when an engine other than the training model sampled them (``rollout.backend
+    vllm``), the engine's log-prob of each completion token, at :attr:`SamplingConfig.logprob_temperature`
+    (see :mod:`selfdistill.vllm_backend`); an importance ratio against the sampler uses them. None: the
+    training model sampled them itself, in process, at the weights it has until the next optimizer step.
+    """
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     texts: list[str]
     finished: list[bool]  # ended with EOS within max_new_tokens
+    sampler_logprobs: list[list[float]] | None = None
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -196,11 +208,11 @@ def _generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, gen
         from selfdistill import vllm_backend
 
         if vllm_backend.usable(model):
-            completions, finished = vllm_backend.generate_ids(model, all_prompt_ids, cfg, eos)
+            completions, finished, logprobs = vllm_backend.generate_ids(model, all_prompt_ids, cfg, eos)
             if progress is not None:
                 progress(len(all_prompt_ids))
             texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-            return Rollouts(all_prompt_ids, completions, texts, finished)
+            return Rollouts(all_prompt_ids, completions, texts, finished, logprobs)
     from selfdistill import diffusion, fastgen
 
     if diffusion.is_masked_diffusion(model):

@@ -115,6 +115,27 @@ def make_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
     return SequenceBatch(ids, attn, comp, pos)
 
 
+def completion_values(batch: SequenceBatch, values: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Per-completion-token values (e.g. a sampler's log-probs) at their tokens' columns of ``batch``, 0 elsewhere.
+
+    Row b's values belong to its completion tokens in order (column t holds token t's value); a row may
+    have more values than completion tokens when :func:`make_batch` cut the completion (the rest is dropped),
+    never fewer.
+    """
+    import torch
+
+    if len(values) != batch.input_ids_BT.shape[0]:
+        raise ValueError(f"{len(values)} rows of values for a batch of {batch.input_ids_BT.shape[0]} sequences")
+    out = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
+    comp = batch.completion_mask_BT.bool().cpu()
+    for b, row in enumerate(values):
+        n = int(comp[b].sum())
+        if len(row) < n:
+            raise ValueError(f"row {b}: {len(row)} values for {n} completion tokens")
+        out[b, comp[b]] = torch.tensor(list(row[:n]), dtype=torch.float32)
+    return out
+
+
 def forward_hidden(model, batch: SequenceBatch, share_prefixes: bool = True) -> torch.Tensor:
     """Final hidden states (B, T, H) of a causal LM, without computing logits.
 

@@ -43,6 +43,9 @@ class Teacher:
             self.copy = self.copy.to(p.device).eval()
             for q in self.copy.parameters():
                 q.requires_grad_(False)
+            from selfdistill.scoring import check_head
+
+            check_head(self.copy, setting="teacher.path")
         elif cfg.kind == "ema" or (cfg.kind == "initial" and not _is_peft(model)):
             self.copy = copy.deepcopy(model).eval()
             for p in self.copy.parameters():

@@ -53,6 +53,7 @@ from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to
 from selfdistill.masking import ParamMask
 from selfdistill.methods.base import Context, get_method
 from selfdistill.models import load_model, unwrap, unwrap_ddp
+from selfdistill.scoring import check_head
 from selfdistill.objectives import global_token_count
 from selfdistill.rundir import FolderLock
 from selfdistill.runlog import HeldLog, RunLog
@@ -264,6 +265,7 @@ def _prepare_run(cfg: TrainConfig):
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     validation.check_environment(cfg)
+    validation.check_sampler_ratio(cfg, method_cls)
     validation.check_templates(cfg, method_cls.sections)
     tasks = build_tasks(cfg.data)
     for t in tasks:
@@ -384,6 +386,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signal
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device=accelerator.device)
+    check_head(model)  # every loss reads log-probs through selfdistill's own LM-head path
     pmask = ParamMask(model, cfg.optim.mask, cfg.optim.weight_decay) if cfg.optim.mask else None
     # Until the run's folder exists, lines are shown and kept (HeldLog): a pre-check that fails leaves nothing.
     say = HeldLog(log, is_main=accelerator.is_main_process)

@@ -12,6 +12,7 @@ or the setting:
   the model's context with room for the completion;
 - :func:`check_environment`: what the settings ask of this machine is here
   (``report_to`` packages, vLLM, a GPU for fp16);
+- :func:`check_sampler_ratio`: with vLLM rollouts, an importance ratio is taken at the sampler's temperature;
 - :func:`check_templates`: the method's prompt templates name only the placeholders it fills;
 - :func:`check_teacher_prompts` (called by on-policy methods): the longest teacher prompt fits
   ``onpolicy.max_teacher_prompt_tokens``.
@@ -303,6 +304,19 @@ def check_environment(cfg: TrainConfig) -> None:
         reason = vllm_backend.unavailable_reason()
         if reason:
             raise ConfigError(f"rollout.backend vllm: {reason}; use --rollout.backend hf")
+
+
+def check_sampler_ratio(cfg: TrainConfig, method_cls: Any) -> None:
+    """With vLLM rollouts, an importance ratio compares the trained model's log-probs with the engine's, which
+    are at the sampling temperature: the method's ratio must be taken at that temperature too."""
+    ratio_temperature = getattr(method_cls, "ratio_temperature", None)
+    t = ratio_temperature(cfg) if cfg.rollout.backend == "vllm" and ratio_temperature is not None else None
+    sampler = cfg.rollout.logprob_temperature
+    if t is not None and abs(t - sampler) > 1e-9:
+        setting = "grpo.temperature" if cfg.method == "grpo" else "distill.temperature (with distill.is_clip)"
+        raise ConfigError(f"rollout.backend vllm: the importance ratio takes the student's log-probs at {setting} "
+                          f"{t} and the sampler's at rollout.temperature {cfg.rollout.temperature} (1 when greedy); "
+                          "set them equal")
 
 
 #: The prompt templates of each settings section, with the placeholders its method fills them with.

@@ -13,6 +13,14 @@ ids, ``load_weights`` of named tensors). :class:`VLLMEngine` wraps
 ``vllm.LLM`` (imported only when it is built); tests inject a fake engine
 with :func:`set_engine_factory`.
 
+Every completion comes with the engine's log-prob of each sampled token (vLLM's
+``logprobs=0`` in its ``processed_logprobs`` mode): the distribution the token
+was drawn from, at the sampling temperature (1 for greedy sampling), after
+top-k / top-p. The engine is not the training model (its own kernels and
+precision), so an importance ratio against the rollout policy takes these
+(:attr:`selfdistill.rollout.Rollouts.sampler_logprobs`) rather than assuming
+it is exactly 1.
+
 Not supported by vLLM, so the in-process ``hf`` backend is used instead:
 activation views (a forward hook anywhere in the model, e.g. SPD's K/V
 projection) and models on the CPU.
@@ -40,11 +48,21 @@ class SamplingParams:
     seed: int | None = None
 
 
+@dataclass
+class EngineOutput:
+    """One sampled completion: its token ids and the engine's log-prob of each (see the module doc)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
 class Engine(Protocol):
     """The two calls the trainer needs from a generation engine."""
 
-    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """One completion's token ids per prompt (generation stops at a stop token, which is included)."""
+    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams) -> list[EngineOutput]:
+        """One completion per prompt (generation stops at a stop token, which is included), with the
+        log-prob of each sampled token under the distribution it was drawn from (the sampling temperature,
+        1 when greedy; after top-k / top-p)."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -66,11 +84,18 @@ class VLLMEngine:
         except ImportError as e:  # pragma: no cover - needs vllm
             raise ImportError("rollout.backend=vllm needs vLLM: `pip install vllm` (GPU only), or use "
                               "rollout.backend=hf") from e
-        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, seed=seed, enable_prefix_caching=True, **llm_kwargs)
+        kwargs = dict(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                      max_model_len=max_model_len, seed=seed, enable_prefix_caching=True, **llm_kwargs)
+        try:  # log-probs after temperature / top-k / top-p (vLLM's default is before them)
+            self.llm = LLM(logprobs_mode="processed_logprobs", **kwargs)
+        except TypeError as e:
+            if "logprobs_mode" not in str(e):
+                raise
+            raise ImportError("rollout.backend=vllm needs a vLLM whose LLM takes logprobs_mode (the sampled "
+                              "tokens' log-probs at the sampling temperature); upgrade vllm") from e
         self._stale_prefix_cache = False
 
-    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams) -> list[list[int]]:  # pragma: no cover
+    def generate(self, prompts_token_ids: list[list[int]], params: SamplingParams) -> list[EngineOutput]:  # pragma: no cover
         from vllm import SamplingParams as VSP
 
         try:
@@ -79,19 +104,25 @@ class VLLMEngine:
             TokensPrompt = dict  # older vLLM: a plain dict prompt
         sp = VSP(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                  top_k=params.top_k if params.top_k > 0 else -1, stop_token_ids=list(params.stop_token_ids),
-                 seed=params.seed, skip_special_tokens=False)
+                 seed=params.seed, skip_special_tokens=False, logprobs=0)
         if self._stale_prefix_cache:
             self.llm.reset_prefix_cache()
             self._stale_prefix_cache = False
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts_token_ids], sampling_params=sp,
                                  use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return [_engine_output(o.outputs[0]) for o in outs]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:  # pragma: no cover
         engine = self.llm.llm_engine
         runner = engine.model_executor.driver_worker.model_runner  # colocated engine, as TRL does
         runner.model.load_weights(list(named_tensors))
         self._stale_prefix_cache = True  # cached prefixes hold old K/V: reset before the next generate
+
+
+def _engine_output(out) -> EngineOutput:  # pragma: no cover - needs vllm
+    """A vLLM ``CompletionOutput`` as ids and the sampled tokens' log-probs (one {id: Logprob} per step)."""
+    ids = list(out.token_ids)
+    return EngineOutput(ids, [float(step[t].logprob) for t, step in zip(ids, out.logprobs)])
 
 
 EngineFactory = Callable[[nn.Module, "object"], Engine]
@@ -198,8 +229,9 @@ def engine_for(model: nn.Module, cfg) -> Engine:
 
 
 def generate_ids(model: nn.Module, prompt_ids: Sequence[Sequence[int]], cfg, eos_ids: Sequence[int]
-                 ) -> tuple[list[list[int]], list[bool]]:
-    """Completions (cut after the first EOS, kept) and whether each ended with EOS, sampled by the engine.
+                 ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
+    """Completions (cut after the first EOS, kept), whether each ended with EOS, and the engine's log-prob
+    of each kept token, sampled by the engine.
 
     The engine's seed for this call is drawn from torch's global generator, so a
     run reseeded per step (as the trainer does) asks for the same samples again.
@@ -212,10 +244,15 @@ def generate_ids(model: nn.Module, prompt_ids: Sequence[Sequence[int]], cfg, eos
     if len(outs) != len(prompt_ids):
         raise RuntimeError(f"the generation engine returned {len(outs)} completions for {len(prompt_ids)} prompts")
     eos = set(eos_ids)
-    completions, finished = [], []
-    for row in outs:
-        row = list(row)[: cfg.max_new_tokens]
+    completions, finished, logprobs = [], [], []
+    for out in outs:
+        if not isinstance(out, EngineOutput) or len(out.logprobs) != len(out.token_ids):
+            raise RuntimeError("the generation engine must return an EngineOutput per prompt, with one log-prob "
+                               "per token (an importance ratio against the sampler needs them; see docs/vllm.md)")
+        row = list(out.token_ids)[: cfg.max_new_tokens]
         cut = next((i for i, t in enumerate(row) if t in eos), None)
-        completions.append(row[: cut + 1] if cut is not None else row)
+        n = cut + 1 if cut is not None else len(row)
+        completions.append(row[:n])
+        logprobs.append([float(x) for x in out.logprobs[:n]])
         finished.append(cut is not None)
-    return completions, finished
+    return completions, finished, logprobs

@@ -85,3 +85,45 @@ def test_grpo_trains(tiny_model_dir, tmp_path):
                                   for r in rows)
     # One update per batch: the ratio is exactly 1 at the update, nothing is clipped.
     assert all(r["clip_frac"] == 0 for r in rows)
+    assert all(r["is_ratio_exact"] == 1 for r in rows)  # sampled in process: the metric says so
+
+
+def _surrogate_grads(model, batch, adv_B, temperature: float) -> list[torch.Tensor]:
+    """Gradients of -sum(A log p) / n with log p from model(...).logits at ``temperature``: GRPO's gradient
+    at ratio 1."""
+    s = batch.student
+    logits = model(input_ids=s.input_ids_BT, attention_mask=s.attention_mask_BT).logits[:, :-1].float()
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, s.input_ids_BT[:, 1:, None]).squeeze(-1)
+    mask = s.completion_mask_BT[:, 1:].float()
+    loss = -(adv_B[:, None] * logp * mask).sum() / mask.sum()
+    return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("grpo_temperature", [None, 1.0])
+def test_grpo_in_process_spends_no_old_forward_and_scores_at_the_sampling_temperature(
+        tiny_model_dir, tmp_path, monkeypatch, grpo_temperature):
+    """Sampled in process and used for one update, a batch carries no "old" log-probs (no forward is spent on
+    them) and says the ratio is exact; the loss's log-probs are at rollout.temperature unless
+    grpo.temperature is set (its gradient equals -A grad log p from the model's logits at that temperature)."""
+    import selfdistill.methods.grpo as grpo_mod
+
+    over = {"onpolicy.samples_per_prompt": 2, "rollout.temperature": 0.7}
+    if grpo_temperature is not None:
+        over["grpo.temperature"] = grpo_temperature
+    method = tinyrun.method(tiny(tiny_model_dir, tmp_path / "g", method="grpo", **over))
+    calls = []
+    real = grpo_mod.target_logprobs
+    monkeypatch.setattr(grpo_mod, "target_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    batch = method.make_batch(0, method.ctx.stream.for_step(0))
+    assert calls == [] and "old_logp_BT" not in batch.tensors and batch.info["is_ratio_exact"] == 1.0
+    adv_B = torch.tensor([1.0, -1.0, 0.5, -0.5])  # whatever the toy rewards: a gradient to compare
+    batch.tensors["adv_B"] = adv_B
+    n = batch.student.completion_mask_BT[:, 1:].sum()
+    loss, info = method.loss(batch, n)
+    assert calls == [{"temperature": 0.7 if grpo_temperature is None else 1.0}] and info["clip_frac"] == 0.0
+    model = method.ctx.model
+    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for t in (0.7, 1.0):
+        want = _surrogate_grads(model, batch, adv_B, t)
+        close = all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(got, want) if b is not None)
+        assert close == (t == (0.7 if grpo_temperature is None else 1.0)), t

@@ -256,6 +256,39 @@ def test_hidden_chunked_equals_unchunked_and_reference(cfg):
             torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", GRAD_CFGS, ids=lambda c: f"{c.kind}-{c.beta}-{c.topk}-{c.topk_support}-{c.tail}")
+def test_hidden_path_applies_head_bias_scale_and_softcap(cfg):
+    """LMHead heads (bias, logit scale, final soft-cap; Phi / Cohere / Gemma 2): the chunked values and
+    gradients (hidden, weight, bias) equal the float64 reference on the transformed logits."""
+    from selfdistill.objectives import LMHead
+
+    hs, ht, ws, wt, ids, old, mask = make_inputs(6, b=3, t=7)
+    g = torch.Generator().manual_seed(11)
+    bs, bt = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    hs, ht = hs * 4, ht * 4  # logits of a few units, so that a cap of 1.5 binds
+    num = global_token_count(mask)
+
+    def transform(z, scale, cap):
+        return cap * torch.tanh(scale * z / cap)
+
+    def run(chunk):
+        leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+        loss = divergence_from_hidden(leaves[0], LMHead(leaves[1], leaves[2], 0.6, 1.5), ht,
+                                      LMHead(wt, bt, 1.3, 2.0), mask, cfg, chunk, token_ids_N=ids,
+                                      old_logprobs_N=old, num_items_in_batch=num)
+        return (loss, *torch.autograd.grad(loss, leaves))
+
+    leaves = [x.double().clone().requires_grad_() for x in (hs, ws, bs)]
+    zs = transform(leaves[0] @ leaves[1].T + leaves[2], 0.6, 1.5)
+    zt = transform(ht.double() @ wt.double().T + bt.double(), 1.3, 2.0)
+    per = ref_per_token(zs, zt, cfg, ids, old)
+    ref_loss = (per * mask.double()).sum() / num.double()
+    ref = (ref_loss, *torch.autograd.grad(ref_loss, leaves))
+    for chunk in (1, 4, 10_000):
+        for a, r in zip(run(chunk), ref):
+            torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-6)
+
+
 def test_logits_driver_gradient_matches_reference():
     hs, ht, ws, wt, ids, old, mask = make_inputs(4)
     cfg = DivergenceConfig(kind="jsd", beta=0.25, topk=6, tail="bucket", chunk_size=3)

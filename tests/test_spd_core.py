@@ -584,9 +584,8 @@ def _phi_with_head_bias() -> nn.Module:
 def test_kv_gradients_never_hold_batch_length_vocab(arch):
     """Same gradients as the full-logits computation, yet no op output is ever B x T x V wide.
 
-    Plain heads (llama, tied gpt2, phi with its bias) take the chunked path and
-    never call the LM head module; Gemma 2's soft-capped head is called on
-    chunks of target rows only.
+    Every head (llama, tied gpt2, phi with its bias, Gemma 2's soft-cap) takes
+    the chunked path and never calls the LM head module.
     """
     model = _phi_with_head_bias() if arch == "phi" else tiny(arch)
     B, T, chunk = 4, 12, 8
@@ -608,7 +607,7 @@ def test_kv_gradients_never_hold_batch_length_vocab(arch):
     hidden = model.config.hidden_size
     assert B * (T - 1) > max(chunk, hidden)  # so that a B x T x V tensor would stand out
     assert wide.peak <= max(chunk, hidden) * VOCAB  # chunk x V logits; the head's (H, V) transpose
-    assert rows == ([] if arch != "gemma2" else [chunk] * 8)  # 4 chunks, each recomputed in backward
+    assert rows == []
     full = _VocabWide(VOCAB)
     with full:
         full_logits_kv_grads(model, ids_BT, mask_BT, loss_mask_BT)

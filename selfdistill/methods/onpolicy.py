@@ -26,9 +26,10 @@ import torch
 from selfdistill.methods.base import Method, TrainBatch
 from selfdistill.models import unwrap, unwrap_ddp
 from selfdistill.rollout import Rollouts, generate
-from selfdistill.scoring import lm_head_weight
+from selfdistill.scoring import lm_head
 from selfdistill.objectives import divergence_from_hidden
-from selfdistill.sequences import SequenceBatch, chat_prompt, encode_prompts, forward_hidden, make_batch
+from selfdistill.sequences import (SequenceBatch, chat_prompt, completion_values, encode_prompts, forward_hidden,
+                                   make_batch)
 from selfdistill.tasks.base import Item
 from selfdistill.teachers import Teacher
 
@@ -40,6 +41,21 @@ class Group:
     item: Item
     texts: list[str]
     rewards: list[float] | None = None
+
+
+def rollout_policy_logprobs(ro: Rollouts, student: SequenceBatch, tensors: dict[str, torch.Tensor]
+                            ) -> dict[str, float]:
+    """The rollout policy's log-probs for an importance ratio, and the metric that says where they come from.
+
+    Sampled by an engine (vLLM): its own log-probs go to ``tensors["old_logp_BT"]`` (column t = log p of
+    token t), and ``is_ratio_exact`` is 0. Sampled in process by the trained model, whose batch is used for
+    exactly one optimizer step: the rollout policy is the model at these very weights, so the ratio is
+    exactly 1, no "old" log-probs are stored (no extra forward) and ``is_ratio_exact`` is 1.
+    """
+    if ro.sampler_logprobs is None:
+        return {"is_ratio_exact": 1.0}
+    tensors["old_logp_BT"] = completion_values(student, ro.sampler_logprobs)
+    return {"is_ratio_exact": 0.0}
 
 
 class OnPolicyMethod(Method):
@@ -73,6 +89,12 @@ class OnPolicyMethod(Method):
         """Each train item's teacher message as far as it can be written before any rollout, and what it
         leaves out (``""``: nothing); None when it depends on the rollouts (then checked as they come)."""
         return None
+
+    @classmethod
+    def ratio_temperature(cls, cfg) -> float | None:
+        """The temperature of the trained model's log-probs in the importance ratio against the rollout policy
+        (``distill.temperature`` with ``distill.is_clip``), None when the method forms no ratio."""
+        return cfg.distill.temperature if cfg.distill.is_clip is not None else None
 
     @classmethod
     def check(cls, cfg, tasks) -> None:
@@ -115,12 +137,10 @@ class OnPolicyMethod(Method):
         student, teacher = self.sequences(ro.prompt_ids, ro.completion_ids, t_ids)
         weights = torch.tensor([1.0 if k else 0.0 for k in keep])
         tensors = {"weights_B": weights}
-        # distill.is_clip: the rollout policy is the student at these very weights (one update per batch),
-        # so the importance ratio is exactly 1 and no extra forward is spent on "old" log-probs; see loss().
-        # A method whose samples come from another policy puts that policy's log-probs (column t = log p of
-        # token t) in tensors["old_logp_BT"] and they are used.
         info = {"teacher_signal_frac": float(weights.mean()), "time_rollout_s": t_rollout,
                 "completion_len": sum(len(c) for c in ro.completion_ids) / max(1, len(ro.completion_ids))}
+        if self.ctx.cfg.distill.is_clip is not None:
+            info.update(rollout_policy_logprobs(ro, student, tensors))
         if self.needs_rewards:
             rs = [r for g in groups for r in (g.rewards or [])]
             info["reward_mean"] = sum(rs) / max(1, len(rs))
@@ -157,19 +177,19 @@ class OnPolicyMethod(Method):
         t0 = time.perf_counter()
         with self.teacher.scoring() as tm, self.teacher_view(tm):
             t_rows = forward_hidden(tm, t_batch)[:, :-1][t_mask]
-            t_head = lm_head_weight(tm).detach()
+            t_head = lm_head(tm).detach()
         t_teacher = time.perf_counter() - t0
         weights_N = micro.tensors["weights_B"].to(ctx.device)[:, None].expand_as(s_mask)[s_mask]
         ids_N = s_batch.input_ids_BT[:, 1:][s_mask]
         old = micro.tensors.get("old_logp_BT")
         old_N = old.to(ctx.device)[:, 1:][s_mask] if old is not None else None
-        loss = self.objective(s_rows, lm_head_weight(ctx.model), t_rows, t_head, weights_N, ids_N, old_N, num_tokens)
+        loss = self.objective(s_rows, lm_head(ctx.model), t_rows, t_head, weights_N, ids_N, old_N, num_tokens)
         return loss, {"time_teacher_s": t_teacher}
 
     def objective(self, s_rows, s_head, t_rows, t_head, weights_N, ids_N, old_N, num_tokens) -> torch.Tensor:
         """The per-token objective on the completion rows (default: ``distill.*`` from the objective library)."""
         dcfg, scale = self.ctx.cfg.distill, 1.0
-        if dcfg.is_clip is not None and old_N is None:  # on-policy: min(exp(0), c) = min(1, c) on every token
+        if dcfg.is_clip is not None and old_N is None:  # sampled at these weights: min(exp(0), c) = min(1, c)
             dcfg, scale = replace(dcfg, is_clip=None), min(1.0, dcfg.is_clip)
         loss = divergence_from_hidden(s_rows, s_head, t_rows, t_head, mask_N=weights_N, cfg=dcfg, token_ids_N=ids_N,
                                       old_logprobs_N=old_N, num_items_in_batch=num_tokens)

@@ -7,7 +7,8 @@ weights against the rollout policy, completion masks and global token
 normalisation; computed in fp32, in chunks of tokens.
 
 - :func:`divergence_from_hidden` / :func:`token_logprobs_from_hidden`: the
-  memory-bounded path (from last hidden states + lm_head weight).
+  memory-bounded path (from last hidden states + the LM head: a weight, or an
+  :class:`LMHead` with its bias, logit scale and soft-cap).
 - :func:`token_divergence`: the same objectives from logits.
 - :func:`sampled_token_loss`: from per-token log-probs of realised tokens.
 - :func:`reduce_token_losses`, :func:`global_token_count`: masks and
@@ -31,7 +32,8 @@ from selfdistill.objectives.config import DivergenceConfig
 _LAZY = {
     "generalized_jsd": "divergence", "per_row_divergence": "divergence", "token_logprob_rows": "divergence",
     "bounded_token_loss": "gated", "gated_token_loss": "gated", "teacher_support": "gated",
-    "divergence_from_hidden": "hidden", "token_logprobs_from_hidden": "hidden",
+    "divergence_from_hidden": "hidden", "token_logprobs_from_hidden": "hidden", "LMHead": "hidden",
+    "as_head": "hidden",
     "token_divergence": "logits",
     "clip_fraction": "pg", "group_advantages": "pg", "kl_k3": "pg", "policy_gradient_loss": "pg",
     "global_token_count": "reduce", "importance_weights": "reduce", "reduce_token_losses": "reduce",

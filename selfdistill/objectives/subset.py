@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from selfdistill.objectives.hidden import LMHead, as_head
 from selfdistill.objectives.reduce import Count, reduce_token_losses
 
 
@@ -43,23 +44,25 @@ def subset_reverse_kl_rows(student_logits_NV: Tensor, teacher_logits_NV: Tensor,
 
 
 def subset_reverse_kl_from_hidden(
-    student_hidden_NH: Tensor, student_head_VH: Tensor, teacher_hidden_NH: Tensor, teacher_head_VH: Tensor,
-    ids_K: Tensor, mask_N: Tensor | None = None, *, renormalise: bool = False, temperature: float = 1.0,
-    chunk_size: int = 1024, num_items_in_batch: Count | None = None, detach_ratio: bool = False,
+    student_hidden_NH: Tensor, student_head_VH: "Tensor | LMHead", teacher_hidden_NH: Tensor,
+    teacher_head_VH: "Tensor | LMHead", ids_K: Tensor, mask_N: Tensor | None = None, *, renormalise: bool = False,
+    temperature: float = 1.0, chunk_size: int = 1024, num_items_in_batch: Count | None = None,
+    detach_ratio: bool = False,
 ) -> Tensor:
-    """The subset reverse KL from last hidden states (N, H) and lm_head weights, reduced over ``mask_N``
-    (weights; divided by ``num_items_in_batch`` when given, else by the mask's token count)."""
+    """The subset reverse KL from last hidden states (N, H) and LM heads (weights or :class:`LMHead`),
+    reduced over ``mask_N`` (weights; divided by ``num_items_in_batch`` when given, else by the mask's
+    token count)."""
     if student_hidden_NH.shape[0] != teacher_hidden_NH.shape[0]:
         raise ValueError(f"student rows {student_hidden_NH.shape[0]} != teacher rows {teacher_hidden_NH.shape[0]}")
-    vocab = min(student_head_VH.shape[0], teacher_head_VH.shape[0])
+    s_head, t_head = as_head(student_head_VH), as_head(teacher_head_VH).detach()
+    vocab = min(s_head.weight_VH.shape[0], t_head.weight_VH.shape[0])
     ids = ids_K.to(student_hidden_NH.device).long()
     if ids.numel() == 0 or int(ids.max()) >= vocab or int(ids.min()) < 0:
         raise ValueError(f"subset ids must be a non-empty set of ids in [0, {vocab})")
-    ws, wt = student_head_VH[:vocab], teacher_head_VH.detach()[:vocab]  # padding ids past the shared vocabulary
 
-    def rows(hs: Tensor, ht: Tensor) -> Tensor:
-        return subset_reverse_kl_rows(hs.to(ws.dtype) @ ws.T, ht.to(wt.dtype) @ wt.T, ids, renormalise, temperature,
-                                      detach_ratio)
+    def rows(hs: Tensor, ht: Tensor) -> Tensor:  # logits past the shared vocabulary are padding ids: cut
+        return subset_reverse_kl_rows(s_head.logits(hs)[:, :vocab], t_head.logits(ht)[:, :vocab], ids, renormalise,
+                                      temperature, detach_ratio)
 
     parts = []
     for s in range(0, student_hidden_NH.shape[0], chunk_size):

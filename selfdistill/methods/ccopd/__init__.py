@@ -84,7 +84,7 @@ class CCOPD(OnPolicyMethod):
         shard_lists = [self.sharder(it) for it in items for _ in range(k)]
         convs = sharded_rollout(unwrap(ctx.model), ctx.tokenizer, shard_lists, ctx.cfg.rollout,
                                 ccfg.turn_max_new_tokens, ctx.system)
-        prompt_ids, completion_ids, finished = [], [], []
+        prompt_ids, completion_ids, finished, logprobs = [], [], [], []
         self._teacher_users, groups = [], []
         for i, it in enumerate(items):
             rows = []
@@ -93,6 +93,7 @@ class CCOPD(OnPolicyMethod):
                     prompt_ids.append(turn.prompt_ids)
                     completion_ids.append(turn.completion_ids)
                     finished.append(turn.finished)
+                    logprobs.append(turn.logprobs)
                     rows.append(turn.text)
                     self._teacher_users.append(self.teacher_user(it, c.shards, turn.revealed, turn.final))
             groups.append(Group(it, rows))
@@ -102,7 +103,10 @@ class CCOPD(OnPolicyMethod):
         self._info = {"sharded_reward_mean": sum(final_ok) / max(1, len(final_ok)),
                       "turns_mean": sum(len(c.turns) for c in convs) / max(1, len(convs))}
         texts = [t for g in groups for t in g.texts]
-        return Rollouts(prompt_ids, completion_ids, texts, finished), groups
+        if any(lp is None for lp in logprobs) and any(lp is not None for lp in logprobs):
+            raise RuntimeError("ccopd: some turns were sampled by the vLLM engine and some in process")
+        sampler_logprobs = None if not logprobs or logprobs[0] is None else logprobs
+        return Rollouts(prompt_ids, completion_ids, texts, finished, sampler_logprobs), groups
 
     def teacher_prompts(self, groups: list[Group]) -> list[list[str | None]]:
         out, pos = [], 0

@@ -56,6 +56,7 @@ class Turn:
     finished: bool
     revealed: int  # shards the user had revealed when this turn was sampled
     final: bool
+    logprobs: list[float] | None = None  # the sampler's, when an engine sampled it (Rollouts.sampler_logprobs)
 
 
 @dataclass
@@ -104,6 +105,7 @@ def sharded_rollout(model, tokenizer, shard_lists: Sequence[Sequence[str]], cfg:
             seed = None if generator_seed is None else generator_seed + 1009 * t + int(final)
             ro = generate(model, tokenizer, prompts, cfg if final else mid_cfg, generator_seed=seed)
             for j, i in enumerate(idx):
+                lp = None if ro.sampler_logprobs is None else ro.sampler_logprobs[j]
                 convs[i].turns.append(Turn(ro.prompt_ids[j], ro.completion_ids[j], ro.texts[j], ro.finished[j],
-                                           t + 1, final))
+                                           t + 1, final, lp))
     return convs

@@ -38,7 +38,7 @@ from selfdistill.methods.onpolicy import Group, OnPolicyMethod
 from selfdistill.models import unwrap
 from selfdistill.methods.opcod.views import Attempts, mean_answer_logprob, teacher_views
 from selfdistill.rollout import Rollouts
-from selfdistill.scoring import target_logprobs
+from selfdistill.scoring import check_head, target_logprobs
 from selfdistill.sequences import make_batch
 from selfdistill.tasks.base import Item
 
@@ -96,6 +96,7 @@ class OPCoD(_Student):
         cfg = ctx.cfg
         self.check(cfg, ctx.tasks)
         peer_model, _ = load_model(replace(cfg.model, path=cfg.opcod.peer), device=ctx.device)
+        check_head(peer_model, setting="opcod.peer")
         if not cfg.opcod.update_peer:
             for p in peer_model.parameters():
                 p.requires_grad_(False)

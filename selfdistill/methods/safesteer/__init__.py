@@ -173,6 +173,6 @@ def steering_coeff(direction) -> float:
 
 
 def lm_head_weight_rows(model) -> int:
-    from selfdistill.scoring import lm_head_weight
+    from selfdistill.scoring import lm_head
 
-    return lm_head_weight(model).shape[0]
+    return lm_head(model).weight_VH.shape[0]

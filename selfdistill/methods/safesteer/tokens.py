@@ -20,7 +20,7 @@ import torch
 from selfdistill.config_io import ConfigError
 from selfdistill.residual import add_direction
 from selfdistill.sequences import chat_prompt, forward_hidden, make_batch
-from selfdistill.scoring import lm_head_weight
+from selfdistill.scoring import lm_head
 
 
 @dataclass
@@ -85,13 +85,13 @@ def choose_tokens(model, tokenizer, harmless: Sequence[str], layer: int, vector:
         device = next(model.parameters()).device
         batch = batch.to(device)
         mask = batch.completion_mask_BT[:, 1:].bool()  # positions predicting a generated token (EOS included)
-        head = lm_head_weight(model).float()
+        head = lm_head(model).to(torch.float32)
         with add_direction(model, layer, vector, coeff):
-            hs = forward_hidden(model, batch)[:, :-1][mask].float()
-        hp = forward_hidden(model, batch)[:, :-1][mask].float()
+            hs = forward_hidden(model, batch)[:, :-1][mask]
+        hp = forward_hidden(model, batch)[:, :-1][mask]
     finally:
         model.train(was)
-    ls, lp = torch.log_softmax(hs @ head.T, -1), torch.log_softmax(hp @ head.T, -1)
+    ls, lp = torch.log_softmax(head.logits(hs), -1), torch.log_softmax(head.logits(hp), -1)
     delta = ls - lp
     banned = ls.exp().mean(0) < cfg.min_prob
     special = [i for i in (tokenizer.all_special_ids or []) if i < banned.shape[0]]

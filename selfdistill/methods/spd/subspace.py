@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from selfdistill.arch import KeySite, SiteKey, kv_sites
-from selfdistill.models import unwrap
 from selfdistill.objectives import token_logprobs_from_hidden
+from selfdistill.scoring import lm_head
 from selfdistill.sequences import SequenceBatch, forward_hidden
 
 Positions = Literal["all", "completion", "selected"]
@@ -96,9 +94,8 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
 
     Memory: no batch x length x vocabulary tensor is held. The loss is read
     from the final hidden states of the target tokens only, through the
-    chunked LM-head path (``chunk_size`` rows of logits at a time); a head
-    with soft-capping or a logit scale (Gemma 2, Cohere) goes through the
-    model's own head module, also by chunks, recomputed in backward.
+    chunked LM-head path (``chunk_size`` rows of logits at a time), with the
+    model's head bias, logit scale or soft-cap (Phi, Cohere, Gemma 2).
     """
     by_key = {s.key: s for s in kv_sites(model, key_site)}
     keys = sorted(by_key) if sites is None else sorted(set(sites))
@@ -161,32 +158,12 @@ def kv_gradients(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT
 
 
 def _target_nll(model: nn.Module, hidden_MH: torch.Tensor, targets_M: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed NLL of the target tokens from their final hidden states, ``chunk_size`` rows of logits at a time.
-
-    A plain head (``hidden @ W.T`` plus an optional bias) takes the objective
-    library's chunked path; the head's weight is detached, since only the
-    activations' gradients are wanted.
-    """
-    head = unwrap(model).get_output_embeddings()
-    cfg = unwrap(model).config
-    cap, scale = getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None)
-    if not cap and scale is None:
-        bias = getattr(head, "bias", None)
-        logp_M = token_logprobs_from_hidden(hidden_MH, head.weight.detach(), targets_M, chunk_size=chunk_size,
-                                            lm_head_bias_V=None if bias is None else bias.detach())
-        return -logp_M.sum()
-
-    def nll(h_cH: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
-        z_cV = head(h_cH).float()
-        if cap:
-            z_cV = torch.tanh(z_cV / cap) * cap
-        if scale is not None:
-            z_cV = z_cV * scale
-        return F.cross_entropy(z_cV, t_c, reduction="sum")
-
-    parts = [checkpoint(nll, hidden_MH[s:s + chunk_size], targets_M[s:s + chunk_size], use_reentrant=False)
-             for s in range(0, len(targets_M), chunk_size)]
-    return torch.stack(parts).sum()
+    """Summed NLL of the target tokens from their final hidden states, ``chunk_size`` rows of logits at a time,
+    through the objective library's chunked path and the model's head (bias, scale, soft-cap: see
+    :func:`~selfdistill.scoring.lm_head`); the head is detached, since only the activations' gradients are
+    wanted."""
+    logp_M = token_logprobs_from_hidden(hidden_MH, lm_head(model).detach(), targets_M, chunk_size=chunk_size)
+    return -logp_M.sum()
 
 
 # --------------------------------------------------------------------------- subspaces
