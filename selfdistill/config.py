@@ -146,7 +146,7 @@ class TrainConfig:
     steps: int = field(default=40, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per optimizer step (global)."})
     micro_batch_size: int = field(default=32, metadata={"help": "Sequences per forward/backward (grad accumulation)."})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "accelerate mixed precision."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "accelerate mixed precision: no or bf16 (fp16 is refused: it needs loss scaling)."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Most recent checkpoints kept."})
     resume: bool = field(default=False, metadata={

@@ -11,7 +11,7 @@ or the setting:
   shapes match their config and a working tokenizer, and every prompt fits
   the model's context with room for the completion;
 - :func:`check_environment`: what the settings ask of this machine is here
-  (``report_to`` packages, vLLM, a GPU for fp16);
+  (``report_to`` packages, vLLM; fp16 refused);
 - :func:`check_sampler_ratio`: with vLLM rollouts, an importance ratio is taken at the sampler's temperature;
 - :func:`check_templates`: the method's prompt templates name only the placeholders it fills;
 - :func:`check_teacher_prompts` (called by on-policy methods): the longest teacher prompt fits
@@ -279,7 +279,7 @@ def check_models_and_prompts(cfg: TrainConfig, method_cls: type, tasks: Sequence
 
 
 def check_environment(cfg: TrainConfig) -> None:
-    """What the settings ask of this machine is here: ``report_to`` packages, vLLM, a GPU for fp16."""
+    """What the settings ask of this machine is here (``report_to`` packages, vLLM); fp16 is refused."""
     import importlib.util
 
     import torch
@@ -288,9 +288,12 @@ def check_environment(cfg: TrainConfig) -> None:
         if importlib.util.find_spec(name) is None:
             raise ConfigError(f"report_to {name}: {name} is not installed (pip install {name}); install it or "
                               "drop it from --report_to")
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("mixed_precision fp16 needs a CUDA GPU and there is none here; use --mixed_precision "
-                          "bf16 or no")
+    if cfg.mixed_precision == "fp16":
+        # fp16 gradients underflow without loss scaling, and a scaler's skipped steps would have to agree with
+        # the trainer's own finite check and all-reduce on every process: refused rather than half done.
+        raise ConfigError("mixed_precision fp16 is not supported: its gradients need loss scaling, which "
+                          "selfdistill's trainer does not do; use --mixed_precision bf16 (GPUs since Ampere, and "
+                          "CPUs) or no")
     if cfg.optim.mask:
         from selfdistill.analysis.masks import load
 
