@@ -3,7 +3,7 @@ masked-diffusion loss (labels), diffu-GRPO (verifier rewards) and d-OPSD, at equ
 toy world's math; every run evaluates every ``eval.every`` steps, so the table's runs hold accuracy against
 optimizer steps (``scripts/dopsd_table.sh`` prints those curves).
 
-Shared settings: 128-token responses in blocks of 16 at 2 tokens per step (the toy diffusion model's
+Shared settings: 96-token responses in blocks of 16 at 2 tokens per step (the toy diffusion model's
 pretraining length; the paper: 256 / 32 / 2), sampling at T = 0.9 (the paper's), 8 prompts per step,
 greedy evaluation on 100 items per split (a diffusion answer costs 64 full forwards: what 2 cores afford).
 diffu-GRPO samples 4 answers per prompt (32 sequences per step); d-OPSD tries each prompt up to 8 times
@@ -17,8 +17,8 @@ from selfdistill.experiments import Preset, single_runs
 COMMON = {
     "model.path": "toy-diffusion", "data.tasks": ["toy-math"], "steps": 40, "batch_size": 8,
     "micro_batch_size": 32, "optim.lr": 1e-4, "optim.warmup_steps": 2,
-    "rollout.max_new_tokens": 128, "rollout.diffusion_block_length": 16, "rollout.temperature": 0.9,
-    "rollout.batch_size": 32, "eval.max_new_tokens": 128, "eval.max_items": 200, "eval.samples": 0,
+    "rollout.max_new_tokens": 96, "rollout.diffusion_block_length": 16, "rollout.temperature": 0.9,
+    "rollout.batch_size": 32, "eval.max_new_tokens": 96, "eval.max_items": 200, "eval.samples": 0,
     "eval.batch_size": 64, "eval.every": 10,
 }
 
