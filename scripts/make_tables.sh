@@ -22,8 +22,10 @@ for part in "${PARTS[@]}"; do
       selfdistill table --preset spd --out "$OUT/spd" --rows base,ssd,spd,spd-random,spd-alltokens &
       selfdistill table --preset spd --out "$OUT/spd" --rows spd-beta0,spd-beta0.8,spd-beta0.9,spd-rank32 &
       wait
-      selfdistill table --preset spd --out "$OUT/spd" \
-        --rows base,ssd,spd,spd-random,spd-alltokens,spd-beta0,spd-beta0.8,spd-beta0.9,spd-rank32
+      selfdistill table --preset spd --out "$OUT/spd" --rows spd-vote,spd-keys,spd-values,spd-perhead &
+      selfdistill table --preset spd --out "$OUT/spd" --rows spd-uncentred,spd-top2layers,spd-rounds2,spd-opd &
+      wait
+      selfdistill table --preset spd --out "$OUT/spd"
       # Why SPD's data is what it is: the projected policy's own accuracy on the valid split.
       selfdistill spd subspace --out runs/diag/rank8 --eval_betas 0,0.5,0.8,0.9,1 ;;
     privileged)

@@ -23,8 +23,10 @@ class SSDConfig:
 class SPDConfig:
     """SPD, Self-Policy Distillation (arXiv 2605.22675): see docs/methods/spd.md."""
 
-    selector: Literal["answer", "all", "style"] = field(default="answer", metadata={
-        "help": "Correctness-defining tokens: the final-answer span (by format) or all completion tokens (ablation)."})
+    selector: Literal["answer", "vote", "all", "style"] = field(default="answer", metadata={
+        "help": "Correctness-defining tokens: the final-answer span (by format); vote: that span only where the "
+                "answer is the majority of its prompt's probe samples (>= 2 agreeing; label-free); all: every "
+                "completion token (ablation); style: the toy world's style lines (diagnostics)."})
     probe_size: int = field(default=96, metadata={"help": "Unlabeled train prompts sampled to build the subspace."})
     probe_samples: int = field(default=2, metadata={"help": "Completions per probe prompt."})
     rank: int = field(default=8, metadata={"help": "Subspace rank per site (0 = use energy)."})
@@ -58,6 +60,9 @@ class SPDConfig:
             raise ValueError(f"spd.energy must be in [0, 1], got {self.energy}")
         if self.rank == 0 and self.energy == 0.0:
             raise ValueError("spd.rank is 0 and spd.energy is 0: set one of them")
+        if self.selector == "vote" and self.probe_samples < 2:
+            raise ValueError(f"spd.selector vote needs spd.probe_samples >= 2 (a majority of one is no vote), "
+                             f"got {self.probe_samples}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from selfdistill.cli import main
@@ -161,3 +162,18 @@ def test_spd_trains_end_to_end_on_gpt_neox(tmp_path, monkeypatch):
     assert [(0, "k"), (0, "v"), (1, "k"), (1, "v")] in folded  # sampling folded every site, hooked none
     losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(losses) == 2 and all(l > 0 for l in losses)
+
+
+def test_vote_selector_keeps_majority_answers_only():
+    """spd.selector vote (#16 item 3): the answer span only of completions whose answer at least two of their
+    prompt's samples agree on; no label is read (the item's answer here is wrong on purpose)."""
+    from selfdistill.method_configs import SPDConfig
+    from selfdistill.methods.spd.selectors import majority_agrees
+
+    it = Item("m", "What is 6*7?", "", "999", "math")
+    texts = ["6*7=42\n#### 42", "#### 41", "so \\boxed{42}",      # prompt 1: 42 twice, 41 once
+             "#### 5", "#### 6", "no answer here"]                 # prompt 2: no two agree
+    assert majority_agrees([it] * 6, texts, 3) == [True, False, True, False, False, False]
+    assert majority_agrees([it] * 2, ["#### 7", "####  7 "], 2) == [True, True]  # whitespace ignored
+    with pytest.raises(ValueError, match="spd.selector vote needs spd.probe_samples >= 2"):
+        SPDConfig(selector="vote", probe_samples=1)

@@ -32,7 +32,7 @@ from selfdistill.models import unwrap
 from selfdistill.rollout import generate
 from selfdistill.sequences import chat_prompt, make_batch
 from selfdistill.methods.spd.projection import project_kv
-from selfdistill.methods.spd.selectors import select_tokens
+from selfdistill.methods.spd.selectors import majority_agrees, select_tokens
 from selfdistill.methods.spd.subspace import (SubspaceAccumulator, SubspaceSet, kv_gradients, layer_energy, load_subspaces,
                                       save_subspaces, top_layers)
 
@@ -110,8 +110,10 @@ def extract_subspace(model, tokenizer, items, cfg, seed: int, system: str | None
     device = next(model.parameters()).device
     used = selected = 0
     rows = []
-    for it, p_ids, c_ids, text in zip(probe_items, ro.prompt_ids, ro.completion_ids, ro.texts):
-        sel = select_tokens(tokenizer, it, c_ids, text, s.selector)
+    agree = (majority_agrees(probe_items, ro.texts, s.probe_samples) if s.selector == "vote"
+             else [True] * len(ro.texts))
+    for it, p_ids, c_ids, text, ok in zip(probe_items, ro.prompt_ids, ro.completion_ids, ro.texts, agree):
+        sel = select_tokens(tokenizer, it, c_ids, text, s.selector) if ok else []
         if sum(sel):
             rows.append((p_ids, c_ids, sel))
     if not rows:

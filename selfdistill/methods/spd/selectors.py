@@ -5,11 +5,15 @@ no labels, we locate them by the task's answer format, with the same finder
 the verifiers read their answer from (:func:`selfdistill.tasks.spans.answer_span`):
 the text after ``####``, else ``\\boxed{...}``, "the answer is ...", the last
 number (math); the chosen letter (mcqa); the code block (code generation).
-The ``all`` selector (every completion token) is the ablation.
+The ``all`` selector (every completion token) is the ablation. ``vote`` is the
+label-free majority vote: the answer span of the completions whose answer is
+the one most of their prompt's probe samples agree on (at least two of them),
+so tokens of answers the model itself is unsure of are left out.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 from selfdistill.tasks.base import Item
@@ -51,8 +55,8 @@ def select_tokens(tokenizer, item: Item, completion_ids: Sequence[int], text: st
         from selfdistill.methods.spd.diagnostics import select_style_tokens
 
         return select_style_tokens(tokenizer, completion_ids, text)
-    if selector != "answer":
-        raise ValueError(f"spd.selector must be 'answer', 'all' or 'style', got {selector!r}")
+    if selector not in ("answer", "vote"):  # vote: the answer span, of completions majority_agrees keeps
+        raise ValueError(f"spd.selector must be 'answer', 'vote', 'all' or 'style', got {selector!r}")
     span = correctness_span(item, text)
     if span is None:
         return [0] * len(completion_ids)
@@ -62,4 +66,19 @@ def select_tokens(tokenizer, item: Item, completion_ids: Sequence[int], text: st
     for e in ends:
         out.append(1 if (e > start and prev < end and e > prev) else 0)
         prev = e
+    return out
+
+
+def majority_agrees(items: Sequence[Item], texts: Sequence[str], group: int) -> list[bool]:
+    """Per completion (``group`` consecutive completions per prompt): its answer is its prompt's majority
+    answer, written by at least two of the group (whitespace ignored; no verifier, no label)."""
+    out: list[bool] = []
+    for g in range(0, len(texts), group):
+        answers = []
+        for it, text in zip(items[g:g + group], texts[g:g + group]):
+            span = correctness_span(it, text)
+            answers.append(" ".join(text[span[0]:span[1]].split()) if span else None)
+        counts = Counter(a for a in answers if a)
+        top, n = counts.most_common(1)[0] if counts else (None, 0)
+        out += [a is not None and a == top and n >= 2 for a in answers]
     return out
