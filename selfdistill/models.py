@@ -2,6 +2,12 @@
 
 The embedded toy model is the default (``path: toy``). Paths are checked
 before loading so a wrong folder or a non-causal-LM fails with one clear line.
+
+Methods reach the model's parts through :func:`unwrap` (accelerate/DDP and PEFT
+wrappers). Under FSDP2 those parts hold shards outside a forward: a training
+loss runs through :func:`sharded_forward`, anything else that runs the model
+inside :func:`full_params` (the trainer enters it around sampling, method
+set-up, after-step hooks and evaluation).
 """
 
 from __future__ import annotations
