@@ -58,8 +58,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically under ``ckpt_root``; keep the newest ``keep``."""
+def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically under ``ckpt_root``; keep the newest ``keep``.
+
+    ``state_dict``: the weights to save in ``model``'s Hugging Face format when the model cannot give them
+    itself (gathered from FSDP shards); else the model's own."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for pattern in (f".tmp-{_PREFIX}*", f".del-{_PREFIX}*"):
         for stale in ckpt_root.glob(pattern):
@@ -68,7 +72,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, state: dict[st
     final = ckpt_root / _name(step)
     tmp = ckpt_root / f".tmp-{_name(step)}"
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE_FILE)
     for f in tmp.iterdir():

@@ -2,13 +2,21 @@
 
 The embedded toy model is the default (``path: toy``). Paths are checked
 before loading so a wrong folder or a non-causal-LM fails with one clear line.
+
+Methods reach the model's parts through :func:`unwrap` (accelerate/DDP and PEFT
+wrappers). Under FSDP2 those parts hold shards outside a forward: a training
+loss runs through :func:`sharded_forward`, anything else that runs the model
+inside :func:`full_params` (the trainer enters it around sampling, method
+set-up, after-step hooks and evaluation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -186,3 +194,57 @@ def unwrap(model):
     if hasattr(m, "get_base_model"):
         m = m.get_base_model()
     return m
+
+
+def _fsdp_units(model) -> list:
+    """The FSDP2 units of ``model`` (root first), or [] when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    return [m for m in unwrap_ddp(model).modules() if isinstance(m, FSDPModule)]
+
+
+def _root_call(root, fn):
+    """``fn()`` run as a forward of the FSDP2 root (its method ``selfdistill_forward``, registered once)."""
+    if not hasattr(root, "selfdistill_forward"):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        root.selfdistill_forward = (lambda self, f: f()).__get__(root)
+        register_fsdp_forward_method(root, "selfdistill_forward")
+    return root.selfdistill_forward(fn)
+
+
+def sharded_forward(model, fn):
+    """``fn()`` (a loss that reaches any sub-module of ``model``), run so that FSDP2 gathers full parameters
+    before it and reduce-scatters their gradients in the backward of its result; without FSDP, ``fn()``.
+
+    FSDP only gathers inside a module's forward; the losses call the decoder and read the LM head's weight
+    themselves, so the whole loss runs as a forward of the root (``register_fsdp_forward_method``)."""
+    units = _fsdp_units(model)
+    return _root_call(units[0], fn) if units else fn()
+
+
+@contextlib.contextmanager
+def full_params(model) -> Iterator[torch.nn.Module]:
+    """``unwrap(model)`` with every parameter whole, for code outside a training step's loss that reaches its
+    sub-modules: sampling, teacher views and EMA updates, evaluation, saving. Without FSDP: ``unwrap(model)``.
+
+    Under FSDP2 every process must enter it together (the parameters are all-gathered once on entry); inside,
+    the units neither gather nor free, so nothing inside is a collective (processes may sample different
+    numbers of tokens). On exit the parameters are sharded again. Entered again inside itself, it does nothing.
+    """
+    units = _fsdp_units(model)
+    if not units or getattr(units[0], "_selfdistill_full", False):
+        yield unwrap(model)
+        return
+    _root_call(units[0], lambda: None)  # FSDP's lazy set-up must start from the root
+    for u in units:  # (prepare_fsdp's units never free their parameters after a forward: nothing re-gathers)
+        u.unshard()
+    units[0]._selfdistill_full = True
+    try:
+        yield unwrap(model)
+    finally:
+        units[0]._selfdistill_full = False
+        for u in units:
+            u.reshard()

@@ -10,6 +10,11 @@
   folder or hub id; it must share the student's vocabulary (checked before a
   run starts, see :mod:`selfdistill.validation`).
 Teacher logits are always computed under ``torch.no_grad``.
+
+Under FSDP (:mod:`selfdistill.distributed`) the frozen copies (``initial`` without LoRA, ``ema``, ``path``)
+are made before the student is sharded and stay whole on every process (replicated: a teacher has no
+gradients nor optimizer state to shard); ``live`` and LoRA's adapter-disabled base are the sharded student
+itself, scored inside its loss, where its parameters are whole.
 """
 
 from __future__ import annotations
@@ -75,9 +80,12 @@ class Teacher:
         """EMA update after optimizer step ``step`` (0-based)."""
         if self.cfg.kind != "ema" or (step + 1) % self.cfg.ema_every:
             return
+        from selfdistill.models import full_params
+
         r = self.cfg.ema_rate
-        for t, s in zip(self.copy.parameters(), self.model.parameters()):
-            t.mul_(1 - r).add_(s.detach().to(t.dtype), alpha=r)
+        with full_params(self.model):  # the student's whole weights under FSDP (the copy is never sharded)
+            for t, s in zip(self.copy.parameters(), self.model.parameters()):
+                t.mul_(1 - r).add_(s.detach().to(t.dtype), alpha=r)
 
     def state_dict(self) -> dict[str, Any]:
         if self.cfg.kind == "ema":

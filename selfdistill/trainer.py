@@ -23,8 +23,15 @@ once, leaving that resumable state (or, before the folder exists, nothing).
 Either way the process exits with 128 + signal.
 
 Multi-process runs (``accelerate launch`` / ``torchrun``) split each global
-batch across processes and all-reduce gradients explicitly (one flat
-buffer), which keeps every method free to call sub-modules of the model.
+batch across processes. As replicas (the default, and accelerate's DDP
+configs) they all-reduce gradients explicitly (one flat buffer), which keeps
+every method free to call sub-modules of the model. Under an accelerate FSDP
+config (:mod:`selfdistill.distributed`) the student and its optimizer go
+through ``accelerator.prepare`` and backward through ``accelerator.backward``;
+each loss runs as a forward of the sharded model
+(:func:`~selfdistill.models.sharded_forward`) and everything else that runs the
+model (sampling, teachers' EMA, evaluation, saving) inside
+:func:`~selfdistill.models.full_params`.
 """
 
 from __future__ import annotations
@@ -48,11 +55,13 @@ from selfdistill.checkpoint import (latest_checkpoint, load_state, load_weights_
                                     save_checkpoint, set_rng_state)
 from selfdistill.config import TrainConfig
 from selfdistill.config_io import ConfigError, to_dict
+from selfdistill.distributed import (all_finite_sharded, full_optimizer_state, full_state_dict,
+                                     load_full_optimizer_state, make_accelerator, prepare_fsdp, uses_fsdp)
 from selfdistill.errors import RunInterrupted, TrainingStopped
 from selfdistill.evaluate import SplitResult, evaluate, format_table, results_to_json
 from selfdistill.masking import ParamMask
 from selfdistill.methods.base import Context, get_method
-from selfdistill.models import load_model, unwrap, unwrap_ddp
+from selfdistill.models import full_params, load_model, sharded_forward, unwrap, unwrap_ddp
 from selfdistill.scoring import check_head
 from selfdistill.objectives import global_token_count
 from selfdistill.rundir import FolderLock
@@ -174,6 +183,19 @@ class _Stepped:
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        self.fsdp = False
+
+    def shard(self, accelerator: Accelerator) -> None:
+        """FSDP2: the model and its optimizer through ``accelerator.prepare`` (the model is sharded in place, the
+        optimizer now steps its shards; the schedule keeps driving the same optimizer)."""
+        self.opt = prepare_fsdp(accelerator, self.model, self.opt)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.fsdp, self.accelerator = True, accelerator
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the whole state dict, gathered on the main process (every process must call it); else None
+        (the model saves its own)."""
+        return full_state_dict(self.accelerator, self.model) if self.fsdp else None
 
     def forward_backward(self, batch, cfg: TrainConfig, accelerator: Accelerator) -> tuple[float, torch.Tensor,
                                                                                           list[dict]]:
@@ -184,25 +206,40 @@ class _Stepped:
         world, total, infos = accelerator.num_processes, 0.0, []
         for m in micro:
             with accelerator.autocast():
-                loss, info = self.loss(m, num_tokens)
-            (loss * world).backward() if world > 1 else loss.backward()
+                if self.fsdp:  # the loss as a forward of the sharded model: full parameters, sharded gradients
+                    loss, info = sharded_forward(self.model, lambda m=m: self.loss(m, num_tokens))
+                else:
+                    loss, info = self.loss(m, num_tokens)
+            if self.fsdp:
+                accelerator.backward(loss * world)  # the wrapper's reduce-scatter averages over processes
+            else:
+                (loss * world).backward() if world > 1 else loss.backward()
             total += float(loss.detach())
             infos.append(info)
         return _sum_processes(total, accelerator), num_tokens, infos
 
     def update(self, loss: float, cfg: TrainConfig, accelerator: Accelerator, step: int) -> tuple[float, bool]:
-        """Average over processes, mask, clip, and step when loss and gradient are finite: (grad norm, stepped)."""
-        _all_reduce_grads(self.params, accelerator)
+        """Average over processes, mask, clip, and step when loss and gradient are finite: (grad norm, stepped).
+
+        Under FSDP the backward has already averaged; the norm is the global one, so the finite check (of the
+        loss summed over processes and of that norm) comes out the same on every process."""
+        if not self.fsdp:
+            _all_reduce_grads(self.params, accelerator)
         if self.pmask is not None:
             self.pmask.grads()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.fsdp:
+            grad_norm = accelerator.clip_grad_norm_(self.params, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
             self.opt.step()
             if self.pmask is not None:
                 self.pmask.after_step()
-            if not _all_finite(self.params):  # e.g. a huge lr: finite loss and gradient, infinite update
+            weights_finite = (all_finite_sharded(self.params, accelerator.device) if self.fsdp
+                              else _all_finite(self.params))
+            if not weights_finite:  # e.g. a huge lr: finite loss and gradient, infinite update
                 raise TrainingStopped(
                     f"stopping: the update of step {step + 1} made weights non-finite although its loss and "
                     f"gradient were finite ({'' if self.name == 'student' else self.name + ', '}optim.lr="
@@ -211,6 +248,17 @@ class _Stepped:
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         return float(grad_norm), finite
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state: as torch keeps it, or under FSDP the whole state by parameter name, gathered on
+        the main process (every process must call it then)."""
+        return full_optimizer_state(self.model, self.opt) if self.fsdp else self.opt.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.fsdp:
+            load_full_optimizer_state(self.model, self.opt, state)
+        else:
+            self.opt.load_state_dict(state)
 
     def state(self, with_weights: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
@@ -265,6 +313,7 @@ def _prepare_run(cfg: TrainConfig):
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     validation.check_environment(cfg)
+    validation.check_distributed(cfg, method_cls)  # an accelerate FSDP / DeepSpeed config it cannot honour
     validation.check_sampler_ratio(cfg, method_cls)
     validation.check_templates(cfg, method_cls.sections)
     tasks = build_tasks(cfg.data)
@@ -337,12 +386,15 @@ def _open_run_folder(cfg: TrainConfig, accelerator: Accelerator,
     return cfg, runlog, lock
 
 
-def _write_model(folder: Path, model, tok, base_spec: str | None = None) -> None:
+def _write_model(folder: Path, model, tok, base_spec: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The final model in Hugging Face format (the adapter for a LoRA run) and its tokenizer, in ``folder``.
 
     An adapter names its base portably (``base_spec``: ``toy`` or a hub id as given, a local folder
-    absolute), not the resolved path of this machine's package."""
-    unwrap_ddp(model).save_pretrained(folder, safe_serialization=True)
+    absolute), not the resolved path of this machine's package. ``state_dict``: the weights gathered from a
+    sharded model (else the model's own)."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    unwrap_ddp(model).save_pretrained(folder, safe_serialization=True, **extra)
     tok.save_pretrained(folder)
     conf = folder / "adapter_config.json"
     if base_spec is not None and conf.is_file():
@@ -380,7 +432,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> RunResu
 def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signals) -> RunResult:
     t_start = time.time()
     method_cls, tasks = prepare_run(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.mixed_precision)
     world = accelerator.num_processes
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
@@ -433,6 +485,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None] | None, signals: _Signal
 NO_SIGNAL_NOTICE = 3
 
 
+#: How a checkpoint's optimizer state is laid out: torch's own (replicas), or whole and by parameter name (FSDP).
+LAYOUT_REPLICAS, LAYOUT_FSDP = "replicas", "fsdp-full"
+
+
 def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[str], None], signals: _Signals,
          ckpt: Path | None, t_start: float, pmask: ParamMask | None = None) -> RunResult:
     """Steps 2-5 in the run's (locked) folder: from ``ckpt``, or from step 0 when it is None."""
@@ -440,17 +496,29 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     ctx.cfg, ctx.out_dir = cfg, out
+    fsdp = uses_fsdp(accelerator)
     main = _Stepped("student", model, cfg, method.loss, method.token_mask, pmask)
     stepped = [main] + [_Stepped(t.name, t.model, cfg, t.loss, t.token_mask) for t in method.trainees()]
     if len({t.name for t in stepped}) < len(stepped):
         raise ValueError(f"method {cfg.method}: trainee names must be unique and not 'student'")
-    opt, sched = main.opt, main.sched
+    sched = main.sched
 
     start_step, before, bad_in_row, skipped = 0, None, 0, 0
-    if ckpt is not None:
-        state = load_state(ckpt)
-        load_weights_into(model, ckpt)
-        opt.load_state_dict(state["optimizer"])
+    state = load_state(ckpt) if ckpt is not None else None
+    if state is not None:
+        saved_layout, layout = state.get("optimizer_layout", LAYOUT_REPLICAS), LAYOUT_FSDP if fsdp else LAYOUT_REPLICAS
+        if saved_layout != layout:
+            raise ConfigError(f"checkpoint {ckpt}: saved by a run launched {'with' if saved_layout == LAYOUT_FSDP else 'without'} "
+                              f"FSDP, and this one is launched {'with' if fsdp else 'without'} it; resume it the "
+                              "way it was launched")
+        load_weights_into(model, ckpt)  # into the whole model, before it is sharded
+    if fsdp:
+        main.shard(accelerator)
+        say(f"FSDP2 through accelerate: the student and its optimizer sharded over {world} processes as one unit "
+            "(embeddings and head apart); frozen teacher copies are whole on every process; checkpoints hold the "
+            "full weights and the full optimizer state")
+    if state is not None:
+        main.load_optimizer_state(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         for t in stepped[1:]:
             t.load(state["trainees"][t.name])
@@ -466,22 +534,29 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
             signals.phase = "the first evaluation"
             say("evaluating before training ...")
             comp: list[dict] = []
-            before = evaluate(unwrap(model), tok, tasks, cfg.eval, system, completions=comp)
+            with full_params(model) as m:
+                before = evaluate(m, tok, tasks, cfg.eval, system, completions=comp)
             runlog.eval_event(0, "before", before, comp)
             say("\n" + format_table(before))
 
     signals.phase = "method setup"
-    method.setup()
+    with full_params(model):
+        method.setup()
 
     def checkpoint(step: int) -> None:
+        """Every process calls it (under FSDP the optimizer state and the weights are gathered); the main one
+        writes."""
+        opt_state, weights = main.optimizer_state(), main.full_weights()
         if not accelerator.is_main_process:
             return
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        state = {"step": step, "optimizer": opt_state, "scheduler": sched.state_dict(),
                  "trainees": {t.name: t.state(with_weights=True) for t in stepped[1:]},
                  "method": method.state_dict(), "rng": rng_state(), "skipped_steps": skipped,
                  "before": results_to_json(before) if before else None, "config": to_dict(cfg)}
+        if fsdp:
+            state["optimizer_layout"] = LAYOUT_FSDP
         path = save_checkpoint(out / "checkpoints", step, unwrap_ddp(model), tok, state,
-                               keep=cfg.keep_checkpoints)
+                               keep=cfg.keep_checkpoints, state_dict=weights)
         say(f"checkpoint {path}")
 
     saved_at = start_step if ckpt is not None else -1
@@ -495,7 +570,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
             # 1. rollout + targets / teacher views (the method decides).
             t0 = time.perf_counter()
             ctx.step = step
-            batch = method.make_batch(step, ctx.stream.for_step(step, rank, world))
+            with full_params(model):  # (sampling, teacher views: whole weights; a no-op without FSDP)
+                batch = method.make_batch(step, ctx.stream.for_step(step, rank, world))
             t_batch = time.perf_counter() - t0
             # 2. loss over micro-batches, normalised by each trained model's global token count.
             t1 = time.perf_counter()
@@ -528,7 +604,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                 which = ", ".join(n for n, ok in stepped_ok.items() if not ok) if len(stepped) > 1 else ""
                 say(f"step {step}: non-finite loss or gradient{f' ({which})' if which else ''}, step skipped "
                     f"({bad_in_row} in a row)")
-            method.after_step(step)
+            with full_params(model):
+                method.after_step(step)
             t_update = time.perf_counter() - t1
             # 4. log, evaluate, checkpoint.
             step_info = dict(batch.info)
@@ -556,7 +633,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
                                       "lower optim.lr or check the data")
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
                 comp = []
-                res = evaluate(unwrap(model), tok, tasks, cfg.eval, system, completions=comp)
+                with full_params(model) as m:
+                    res = evaluate(m, tok, tasks, cfg.eval, system, completions=comp)
                 runlog.eval_event(step + 1, "periodic", res, comp)
             stop = _any_process(signals.pending is not None, accelerator)  # a signal to one process stops all
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or stop:
@@ -574,10 +652,11 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
     # 5. final checkpoint, then the final model (so a kill never leaves the model as the only copy), evaluation
     # after, table, plot.
     signals.phase = "the final save"
+    if saved_at != cfg.steps:
+        checkpoint(cfg.steps)
+    weights = main.full_weights()
     if accelerator.is_main_process:
-        if saved_at != cfg.steps:
-            checkpoint(cfg.steps)
-        publish_dir(out / "model", lambda tmp: _write_model(tmp, model, tok, cfg.model.path))
+        publish_dir(out / "model", lambda tmp: _write_model(tmp, model, tok, cfg.model.path, weights))
         for t in stepped[1:]:
             publish_dir(out / f"{t.name}_model", lambda tmp, t=t: _write_model(tmp, t.model, tok))
         if cfg.model.lora.enabled and cfg.model.lora.save_merged:
@@ -587,7 +666,8 @@ def _run(cfg: TrainConfig, ctx: Context, method, runlog: RunLog, say: Callable[[
         signals.phase = "the last evaluation"
         say("evaluating after training ...")
         comp = []
-        after = evaluate(unwrap(model), tok, tasks, cfg.eval, system, completions=comp)
+        with full_params(model) as m:
+            after = evaluate(m, tok, tasks, cfg.eval, system, completions=comp)
         runlog.eval_event(cfg.steps, "after", after, comp)
     wall = time.time() - t_start
     signals.phase = "the run's record"

@@ -309,6 +309,47 @@ def check_environment(cfg: TrainConfig) -> None:
             raise ConfigError(f"rollout.backend vllm: {reason}; use --rollout.backend hf")
 
 
+def check_distributed(cfg: TrainConfig, method_cls: Any, env: Any = None) -> None:
+    """The launcher's distributed setup (``accelerate launch --config_file``'s environment) is one the trainer
+    honours: DeepSpeed is refused (one line saying whether deepspeed is installed), and so are FSDP1 and what
+    FSDP2 does not support yet."""
+    import importlib.util
+    import os
+
+    from selfdistill.distributed import requested
+
+    env = os.environ if env is None else env
+    kind = requested(env)
+    if kind == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("accelerate config: distributed_type DEEPSPEED needs the deepspeed package, which is "
+                              "not installed (pip install deepspeed); or launch with examples/accelerate/fsdp.yaml")
+        raise ConfigError("accelerate config: distributed_type DEEPSPEED is not supported by selfdistill's trainer "
+                          "yet (ZeRO-2/3 have never been run with it); launch with examples/accelerate/fsdp.yaml")
+    if kind != "fsdp":
+        return
+    where = "accelerate config (FSDP)"
+    version = env.get("FSDP_VERSION", "1").strip()
+    if version != "2":
+        raise ConfigError(f"{where}: fsdp_version {version} is not supported: the methods call the model's decoder, "
+                          "LM head and K/V modules directly, which FSDP1 only gathers inside its own forward; set "
+                          "fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
+    if env.get("FSDP_ACTIVATION_CHECKPOINTING", "false").strip().lower() == "true":
+        raise ConfigError(f"{where}: fsdp_activation_checkpointing is not supported (it re-wraps the decoder layers "
+                          "the methods call); set it to false")
+    from selfdistill.methods.base import Method
+
+    if getattr(method_cls, "trainees", Method.trainees) is not Method.trainees:
+        raise ConfigError(f"{where}: method {cfg.method} trains a second model beside the student, and with FSDP "
+                          "only the student is sharded so far; launch it without an FSDP config")
+    unsupported = [(cfg.optim.mask, "--optim.mask (a mask of whole parameters; FSDP holds shards)"),
+                   (cfg.model.lora.enabled, "--model.lora.enabled (never run with FSDP)"),
+                   (cfg.rollout.backend == "vllm", "--rollout.backend vllm (never run with FSDP)")]
+    for on, what in unsupported:
+        if on:
+            raise ConfigError(f"{where}: {what} is not supported with FSDP yet; drop it or launch without FSDP")
+
+
 def check_sampler_ratio(cfg: TrainConfig, method_cls: Any) -> None:
     """With vLLM rollouts, an importance ratio compares the trained model's log-probs with the engine's, which
     are at the sampling temperature: the method's ratio must be taken at that temperature too."""
