@@ -1,6 +1,6 @@
 """d-OPSD's table preset (``selfdistill table --preset d-opsd``): the untrained toy diffusion LM, SFT with the
 masked-diffusion loss (labels), diffu-GRPO (verifier rewards) and d-OPSD, at equal optimizer steps, on the
-toy world's math; every run evaluates every ``eval.every`` steps, so the table's runs hold accuracy against
+toy world's math; every run evaluates every ``eval.every`` (20) steps, so the table's runs hold accuracy against
 optimizer steps (``scripts/dopsd_table.sh`` prints those curves).
 
 Shared settings: 96-token responses in blocks of 16 at 2 tokens per step (the toy diffusion model's
@@ -19,7 +19,7 @@ COMMON = {
     "micro_batch_size": 32, "optim.lr": 1e-4, "optim.warmup_steps": 2,
     "rollout.max_new_tokens": 96, "rollout.diffusion_block_length": 16, "rollout.temperature": 0.9,
     "rollout.batch_size": 32, "eval.max_new_tokens": 96, "eval.max_items": 200, "eval.samples": 0,
-    "eval.batch_size": 64, "eval.every": 10,
+    "eval.batch_size": 64, "eval.every": 20,
 }
 
 ROWS = {
