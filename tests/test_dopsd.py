@@ -195,3 +195,14 @@ def test_the_table_preset_runs_and_gives_curves(diffusion_dir, tmp_path, monkeyp
     spec.loader.exec_module(mod)
     data = mod.curves(out)
     assert sorted(data["d-opsd"]["toy-math test_id"]) == [0, 1, 2]
+
+
+def test_the_shipped_toy_diffusion_model_is_a_masked_lm_with_a_mask_token():
+    from transformers import AutoTokenizer
+
+    from selfdistill.models import check_model_config, model_kind, resolve_model_path
+    from selfdistill.toy.diffusion_model import DEFAULT_DIFFUSION_DIR
+
+    path = resolve_model_path("toy-diffusion")
+    assert path == str(DEFAULT_DIFFUSION_DIR) and model_kind(check_model_config(path)) == "masked"
+    assert AutoTokenizer.from_pretrained(path).mask_token == "<|mask|>"
