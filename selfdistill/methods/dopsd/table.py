@@ -5,7 +5,7 @@ optimizer steps (``scripts/dopsd_table.sh`` prints those curves).
 
 Shared settings: 96-token responses in blocks of 16 at 2 tokens per step (the toy diffusion model's
 pretraining length; the paper: 256 / 32 / 2), sampling at T = 0.9 (the paper's), 8 prompts per step,
-greedy evaluation on 100 items per split (a diffusion answer costs 64 full forwards: what 2 cores afford).
+greedy evaluation on 200 items per split (a diffusion answer costs 64 full forwards: what 2 cores afford).
 diffu-GRPO samples 4 answers per prompt (32 sequences per step); d-OPSD tries each prompt up to 8 times
 and reuses a rollout for 4 steps (the paper's 4-8).
 """
