@@ -7,7 +7,8 @@
   verifier rewards, group-normalised advantages and the objective library's clipped-ratio policy gradient on
   d1's one-step log-prob estimate: one forward with the whole response masked and each prompt token masked
   with probability ``diffu_grpo.prompt_mask``; the tokens up to the first EOS carry the loss. One update per
-  batch (d1 takes several per batch; the table compares methods at equal optimizer steps), no KL term.
+  batch (d1 takes several per batch; the table compares methods at equal optimizer steps), so the ratio's
+  "old" log-probs are the current ones detached and no extra forward is spent; no KL term.
 
 Both lay rows out right-padded (prompt, then the response); the model is bidirectional with rotary
 positions, so this equals the sampler's left-padded layout.
@@ -116,14 +117,11 @@ class DiffuGRPO(Method):
             u = torch.rand(len(p), generator=torch.Generator().manual_seed(row_seed(seeds[b], "prompt-mask")))
             pmask[b, :len(p)] = u < ctx.cfg.diffu_grpo.prompt_mask
         masked = pmask | seqs.completion_mask_BT.bool()
-        with torch.no_grad():
-            d = seqs.to(ctx.device)
-            old = self.logprobs(unwrap(ctx.model), d.input_ids_BT, d.attention_mask_BT, masked.to(ctx.device)).cpu()
         solved = (rewards.max(-1).values > rewards.min(-1).values).float()
         info = {"reward_mean": float(rewards.mean()), "groups_with_signal": float(solved.mean()),
                 "time_rollout_s": t_rollout,
                 "completion_len": sum(map(len, ro.completion_ids)) / max(1, len(ro.completion_ids))}
-        return TrainBatch(seqs, None, {"adv_B": adv_B, "target_BT": target, "masked_BT": masked, "old_logp_BT": old},
+        return TrainBatch(seqs, None, {"adv_B": adv_B, "target_BT": target, "masked_BT": masked},
                           info)
 
     def token_mask(self, batch: TrainBatch) -> torch.Tensor:
@@ -134,7 +132,9 @@ class DiffuGRPO(Method):
         s, dev = micro.student.to(self.ctx.device), self.ctx.device
         mask = micro.tensors["target_BT"].to(dev)
         logp = self.logprobs(ctx.model, s.input_ids_BT, s.attention_mask_BT, micro.tensors["masked_BT"].to(dev))
-        old, adv = micro.tensors["old_logp_BT"].to(dev), micro.tensors["adv_B"].to(dev)[:, None]
+        # One update per batch, sampled at these very weights: the rollout policy's log-probs are the current
+        # ones, detached (ratio exactly 1; no second forward when the batch is made, as in GRPO).
+        old, adv = logp.detach(), micro.tensors["adv_B"].to(dev)[:, None]
         loss = policy_gradient_loss(logp, old, adv, mask, clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high,
                                     num_items_in_batch=num_tokens)
         return loss, {"clip_frac": clip_fraction(logp.detach(), old, adv, mask, clip_eps=g.clip_eps,
