@@ -55,8 +55,9 @@ def training_figure(run_dir: str | Path):
     evals = _read_jsonl(run / "evals.jsonl")
     method = ""
     if (run / "run_config.yaml").exists():
-        first = [l for l in (run / "run_config.yaml").read_text().splitlines() if l.startswith("method:")]
-        method = first[0].split(":", 1)[1].strip() if first else ""
+        import yaml
+
+        method = str((yaml.safe_load((run / "run_config.yaml").read_text()) or {}).get("method", ""))
     signals = [k for k in SIGNALS if rows and any(k in r for r in rows)]
     fig, axes = plt.subplots(1, 4 if signals else 3, figsize=(20 if signals else 15, 4))
     loss_keys = ["loss"] + sorted(k for k in (rows[0] if rows else {}) if k.startswith("loss_"))
