@@ -327,13 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "toy": cmd_toy,
                 "table": cmd_table, "models": cmd_models}
     from selfdistill.errors import RunInterrupted, TrainingStopped
-
+    clean = False  # the command returned (whatever its code) on this process; then its peers did too
     try:
         if extra:
             raise ConfigError(_unknown_args(ns, extra))
         if ns.command in _PACKAGE_COMMANDS:
-            return importlib.import_module(_PACKAGE_COMMANDS[ns.command]).run(ns)
-        return handlers[ns.command](ns)
+            rc = importlib.import_module(_PACKAGE_COMMANDS[ns.command]).run(ns)
+        else:
+            rc = handlers[ns.command](ns)
+        clean = True
+        return rc
     except ConfigError as e:  # bad input: one line, nothing written
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 2
@@ -349,9 +352,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfdistill: error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
         return 1
     finally:
-        dist = sys.modules.get("torch.distributed")  # only a run that imported torch can have a process group
-        if dist is not None and dist.is_available() and dist.is_initialized():  # multi-process runs end cleanly
-            dist.destroy_process_group()
+        _end_process_group(ok=clean)
+
+
+def _end_process_group(ok: bool) -> None:
+    """Destroy a multi-process run's process group; after a clean run, all processes first meet at a barrier.
+
+    Without the barrier a process that finishes first tears its gloo transport down while a peer still
+    talks to it, and the peer aborts in C++ ("terminate called without an active exception"). After an
+    error there is no barrier: a peer that did not fail would never arrive.
+    """
+    dist = sys.modules.get("torch.distributed")  # only a run that imported torch can have a process group
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
