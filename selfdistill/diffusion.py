@@ -100,6 +100,41 @@ def is_masked_diffusion(model) -> bool:
     return type(m).__name__.endswith("ForMaskedLM")
 
 
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos_BP: torch.Tensor) -> torch.Tensor:
+    """The model's logits at positions ``pos_BP`` of each row only, (B, P, V).
+
+    A bidirectional model needs every position's hidden state, but a step reads the logits of a few (a
+    block's masks, the trained positions): the output layer runs on those positions alone (a pre-hook on the
+    output embeddings gathers its input), so no B x T x V tensor is made for a real vocabulary. A model whose
+    output layer is not called on the (B, T, H) hidden states is run whole and its logits gathered.
+    """
+    m = getattr(model, "module", model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    get_head = getattr(m, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    rows = torch.arange(pos_BP.shape[0], device=pos_BP.device)[:, None]
+    fired: list[bool] = []
+
+    def gather(_module, args):
+        h = args[0]
+        if fired or h.dim() != 3 or tuple(h.shape[:2]) != tuple(input_ids.shape):
+            return None
+        fired.append(True)
+        return (h[rows, pos_BP], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if fired and tuple(logits.shape[:2]) == tuple(pos_BP.shape):
+        return logits
+    if fired:  # the model reshaped the head's output: run it whole
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[rows, pos_BP]
+
+
 def _uniforms(seeds: Sequence[int] | None, rows: int, shape: tuple[int, ...], generator_step: int) -> torch.Tensor:
     """(rows, *shape) uniforms in (0, 1): row r's from its own generator (seed, step), else the global RNG."""
     if seeds is None:
@@ -151,6 +186,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], cfg: DiffusionSampling, m
         attn[b, :P - len(p)] = 0
         x[b, P - len(p):P] = torch.tensor(list(p), dtype=torch.long)
     x, attn = x.to(device), attn.to(device)
+    resp_pos = torch.arange(P, P + L, device=device).expand(n, L)
     states: list[torch.Tensor] = []
     blocks: list[int] = []
     was_training = model.training
@@ -164,7 +200,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], cfg: DiffusionSampling, m
                 if record:
                     states.append(x.cpu().clone())
                     blocks.append(blk)
-                logits = model(input_ids=x, attention_mask=attn).logits[:, P:]  # the response's positions
+                logits = logits_at(model, x, attn, resp_pos)  # the response's positions only
                 x0, conf = _choose(logits, cfg, row_seeds, step)
                 eligible = masked[:, P:].clone()
                 eligible[:, :lo - P] = False
@@ -214,8 +250,16 @@ def masked_diffusion_loss(model, input_ids: torch.Tensor, attention_mask: torch.
     p_B = (1 - eps) * t_B + eps
     masked = response_mask & (noise_BT < p_B[:, None])
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    logits = model(input_ids=noisy, attention_mask=attention_mask).logits
-    ce = torch.nn.functional.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+    # the logits of each row's response positions only (padded to the longest with position 0, unused)
+    n_resp = response_mask.sum(-1)
+    pos_BP = torch.zeros((input_ids.shape[0], int(n_resp.max().item()) if n_resp.numel() else 0), dtype=torch.long,
+                         device=input_ids.device)
+    keep_BP = torch.arange(pos_BP.shape[1], device=input_ids.device)[None] < n_resp[:, None]
+    pos_BP[keep_BP] = response_mask.nonzero()[:, 1]
+    logits = logits_at(model, noisy, attention_mask, pos_BP)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+    hit_BP = keep_BP & masked[rows, pos_BP]
+    ce = torch.nn.functional.cross_entropy(logits[hit_BP].float(), input_ids[rows, pos_BP][hit_BP], reduction="none")
     p_tok = p_B[:, None].expand_as(masked)[masked]
     lengths = response_mask.sum(-1).clamp_min(1).float()[:, None].expand_as(masked)[masked]
     return (ce / p_tok / lengths).sum() / input_ids.shape[0]

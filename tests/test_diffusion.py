@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-from selfdistill.diffusion import (DiffusionSampling, _uniforms, masked_diffusion_loss, response_batch, sample)
+from selfdistill.diffusion import (DiffusionSampling, _uniforms, logits_at, masked_diffusion_loss, response_batch,
+                                   sample)
 
 MASK, EOS, PAD, V = 5, 2, 0, 40
 
@@ -86,6 +87,31 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="multiple of the 2 blocks"):
         DiffusionSampling(gen_length=8, block_length=4, steps=3)
     assert DiffusionSampling(gen_length=8, block_length=8, steps=3).transfers() == [3, 3, 2]
+
+
+def test_logits_at_runs_the_head_on_the_chosen_positions_only(model):
+    """The same logits as the whole model's at those positions; the output layer sees (B, P, H), not (B, T, H);
+    a model whose head is not called on the hidden states is run whole and gathered."""
+    torch.manual_seed(1)
+    ids = torch.randint(6, V, (3, 9))
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0
+    pos = torch.tensor([[4, 5], [8, 2], [0, 0]])
+    seen = []
+    h = model.get_output_embeddings().register_forward_hook(lambda _m, a, out: seen.append(tuple(a[0].shape)))
+    try:
+        got = logits_at(model, ids, attn, pos)
+    finally:
+        h.remove()
+    full = model(input_ids=ids, attention_mask=attn).logits
+    torch.testing.assert_close(got, full[torch.arange(3)[:, None], pos], rtol=1e-10, atol=1e-10)
+    assert seen == [(3, 2, 32)]
+
+    class Headless(torch.nn.Module):  # no output embeddings: the full logits, gathered
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": model(input_ids=input_ids, attention_mask=attention_mask).logits})()
+
+    torch.testing.assert_close(logits_at(Headless(), ids, attn, pos), got, rtol=1e-10, atol=1e-10)
 
 
 def test_masked_diffusion_loss_by_hand():

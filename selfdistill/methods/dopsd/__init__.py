@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from selfdistill.diffusion import DiffusionRollouts, mask_token_id, sample
+from selfdistill.diffusion import DiffusionRollouts, logits_at, mask_token_id, sample
 from selfdistill.config_io import ConfigError
 from selfdistill.methods.base import Method, TrainBatch, register
 from selfdistill.models import unwrap, unwrap_ddp
@@ -53,9 +53,10 @@ def reveal_future(state: torch.Tensor, final: torch.Tensor, start: int, ratio: f
     return view
 
 
-def logits_of(model, seqs: SequenceBatch) -> torch.Tensor:
-    """A masked LM's logits (B, T, V) for a right-padded batch (bidirectional: padding is masked out)."""
-    return model(input_ids=seqs.input_ids_BT, attention_mask=seqs.attention_mask_BT).logits
+def logits_of(model, seqs: SequenceBatch, pos_BP: torch.Tensor) -> torch.Tensor:
+    """A masked LM's logits (B, P, V) at positions ``pos_BP`` of a right-padded batch (bidirectional: padding is
+    masked out); the output layer runs on those positions only (:func:`selfdistill.diffusion.logits_at`)."""
+    return logits_at(model, seqs.input_ids_BT, seqs.attention_mask_BT, pos_BP)
 
 
 @register
@@ -147,15 +148,20 @@ class DOPSD(Method):
         mb = ctx.cfg.micro_batch_size
         with self.teacher.scoring() as tm:
             for s in range(0, n, mb):
-                t_logits = logits_of(tm, rows_of(teacher, s, s + mb).to(ctx.device)).float().cpu()
-                for b in range(t_logits.shape[0]):
-                    p_len, (_, resp, _, lo, hi) = len(rows[s + b][0]), rows[s + b]
-                    cols = torch.tensor([p_len + i for i in range(lo, hi) if resp[i] == mask], dtype=torch.long)
+                # each row's still-masked positions of its current block (padded with position 0, unused)
+                cols_rows = [torch.tensor([len(r[0]) + i for i in range(r[3], r[4]) if r[1][i] == mask],
+                                          dtype=torch.long) for r in rows[s:s + mb]]
+                cols_BC = torch.nn.utils.rnn.pad_sequence(
+                    [c if c.numel() else torch.zeros(1, dtype=torch.long) for c in cols_rows], batch_first=True)
+                t_logits = logits_of(tm, rows_of(teacher, s, s + mb).to(ctx.device),
+                                     cols_BC.to(ctx.device)).float().cpu()
+                for b, cols in enumerate(cols_rows):
                     if not cols.numel() or weight == 0.0:
                         continue
-                    score = t_logits[b, cols].max(-1).values  # the teacher's max-logit: where it is surest
-                    top = cols[score.topk(min(d.positions, cols.numel())).indices]
-                    k_ids, k_logp = teacher_topk(t_logits[b, top], K)
+                    score = t_logits[b, :cols.numel()].max(-1).values  # the teacher's max-logit: where it is surest
+                    pick = score.topk(min(d.positions, cols.numel())).indices
+                    top = cols[pick]
+                    k_ids, k_logp = teacher_topk(t_logits[b, pick], K)
                     m = top.numel()
                     pos[s + b, :m], valid[s + b, :m] = top, True
                     ids[s + b, :m, :k_ids.shape[-1]], tlogp[s + b, :m, :k_ids.shape[-1]] = k_ids, k_logp
@@ -197,8 +203,7 @@ class DOPSD(Method):
         s = micro.student.to(ctx.device)
         valid = micro.tensors["valid_BP"].to(ctx.device)
         pos = micro.tensors["pos_BP"].to(ctx.device)
-        logits = logits_of(ctx.model, s)
-        rows = logits[torch.arange(pos.shape[0], device=ctx.device)[:, None], pos]  # (b, positions, V)
+        rows = logits_of(ctx.model, s, pos)  # (b, positions, V)
         per = clipped_reverse_kl_on_support(rows[valid], micro.tensors["ids_BPK"].to(ctx.device)[valid],
                                             micro.tensors["tlogp_BPK"].to(ctx.device)[valid], d.clip)
         return per.sum() / num_tokens.clamp_min(1), {}
